@@ -51,21 +51,6 @@ def check_imgsz(imgsz, stride) -> int:
     return new
 
 
-def to_original(boxes, input_hw, shape0, ratio_pad):
-    """xyxy boxes in the letterboxed input -> original image pixels, in place.
-
-    Per axis: the loader's ratio_pad is ((h / h0, w / w0), (padw, padh)) and the two ratios differ a
-    little once the resized size is rounded to whole pixels; scale_boxes (upstream's rule) divides both
-    axes by the first, which shifts x by up to ~0.5% of the width. Without ratio_pad: scale_boxes.
-    """
-    if ratio_pad is None:
-        return scale_boxes(input_hw, boxes, shape0)
-    (rh, rw), (padw, padh) = ratio_pad
-    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - padw) / rw
-    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - padh) / rh
-    return clip_boxes(boxes, shape0)
-
-
 def image_id_fn(files):
     """image_id from a file: its stem, an int when every stem in the split is numeric (COCO style)."""
     numeric = all(Path(f).stem.isnumeric() for f in files) if files else False
@@ -229,7 +214,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             loss += compute_loss([x.float() for x in train_out], targets)[1]  # box, obj, cls
         targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)  # to input pixels
         preds = non_max_suppression(preds, conf_thres, iou_thres, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
+                                    max_det=max_det, time_limit=None)  # metrics must not depend on CPU speed
         t4 = time_sync()
         dt[0], dt[1], dt[2] = dt[0] + t2 - t1, dt[1] + t3 - t2, dt[2] + t4 - t3
 
@@ -241,8 +226,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             if single_cls:
                 predn[:, 5] = 0
                 labels[:, 0] = 0
-            to_original(predn[:, :4], im[si].shape[1:], shape0, ratio_pad)  # to original image pixels
-            tbox = to_original(xywh2xyxy(labels[:, 1:5]), im[si].shape[1:], shape0, ratio_pad)
+            scale_boxes(im[si].shape[1:], predn[:, :4], shape0, ratio_pad)  # to original image pixels
+            tbox = scale_boxes(im[si].shape[1:], xywh2xyxy(labels[:, 1:5]), shape0, ratio_pad)
             labelsn = torch.cat((labels[:, 0:1], tbox), 1).cpu()
             predn = predn.cpu()
             correct = match_predictions(predn.numpy(), labelsn.numpy(), iouv)

@@ -134,18 +134,18 @@ def clip_boxes(boxes, shape):
 def scale_boxes(img1_shape, boxes, img0_shape, ratio_pad=None):
     """Map xyxy boxes from the letterboxed image (h1, w1) back to the original (h0, w0), in place.
 
-    ratio_pad = ((ratio_h, ratio_w), (padw, padh)) as stored by the loader in `shapes[i][1]`; without it
-    the letterbox gain and centred padding are recomputed from the two shapes.
+    ratio_pad = ((ratio_h, ratio_w), (padw, padh)) as stored by the loader in `shapes[i][1]`; each axis is
+    divided by its own ratio (they differ slightly once the resized size is rounded to whole pixels).
+    Without it the letterbox gain and centred padding are recomputed from the two shapes.
     """
     if ratio_pad is None:
         gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])  # new / old
-        pad = (img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2
+        (gain_h, gain_w), pad = (gain, gain), ((img1_shape[1] - img0_shape[1] * gain) / 2,
+                                               (img1_shape[0] - img0_shape[0] * gain) / 2)
     else:
-        gain = ratio_pad[0][0]
-        pad = ratio_pad[1]
-    boxes[..., [0, 2]] -= pad[0]
-    boxes[..., [1, 3]] -= pad[1]
-    boxes[..., :4] /= gain
+        (gain_h, gain_w), pad = ratio_pad
+    boxes[..., [0, 2]] = (boxes[..., [0, 2]] - pad[0]) / gain_w
+    boxes[..., [1, 3]] = (boxes[..., [1, 3]] - pad[1]) / gain_h
     return clip_boxes(boxes, img0_shape)
 
 
@@ -160,12 +160,14 @@ def _classwise_nms(boxes, scores, cls, iou_thres):
 
 
 def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=None, agnostic=False,
-                        multi_label=False, max_det=300, max_nms=30000, max_wh=7680):
+                        multi_label=False, max_det=300, max_nms=30000, max_wh=7680, time_limit="auto"):
     """Per-image NMS on decoded predictions [bs, N, 5 + nc] (xywh px, objectness, class probabilities).
 
     Returns a list (one per image) of [k, 6] tensors (x1, y1, x2, y2, conf, cls), conf = obj * cls prob,
     sorted by conf. Class-aware NMS offsets each class's boxes by cls * max_wh so they never overlap
     (on CPU with > 2000 candidates it runs per class instead: same result, much faster).
+    time_limit: seconds after which later images are left empty ("auto": 0.5 + 0.05 * bs, as upstream, for
+    live inference); None never cuts, so that metrics do not depend on the machine's speed.
     """
     if not 0 <= conf_thres <= 1:
         raise ValueError(f"conf_thres={conf_thres} must be in [0, 1]")
@@ -175,7 +177,7 @@ def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=Non
         prediction = prediction[0]
     bs, nc = prediction.shape[0], prediction.shape[2] - 5
     multi_label &= nc > 1  # one class: one row per box anyway
-    time_limit = 0.5 + 0.05 * bs  # seconds
+    time_limit = 0.5 + 0.05 * bs if time_limit == "auto" else time_limit
     keep_cls = None if classes is None else torch.as_tensor(classes, device=prediction.device).view(1, -1)
 
     t = time.time()
@@ -206,7 +208,7 @@ def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=Non
         else:  # many candidates on CPU: per-class NMS is O(sum n_c^2) instead of O(n^2), same boxes kept
             i = _classwise_nms(x[:, :4].float(), x[:, 4].float(), x[:, 5], iou_thres)[:max_det]
         output[xi] = x[i]
-        if time.time() - t > time_limit:
+        if time_limit is not None and time.time() - t > time_limit:
             LOGGER.warning(f"WARNING ⚠️ NMS time limit {time_limit:.3f}s exceeded; later images left empty")
             break
     return output
