@@ -1,0 +1,116 @@
+"""Speed of the imitation masks (utils/distill.py) against the loop reference and a student training step.
+
+A batch of `--batch` images at `--imgsz` with 0..`--max-boxes` random boxes each, the three YOLOv5s levels
+(strides 8/16/32, yolov5s anchors in pixels). Timed, in one process at one thread count: imitation_masks
+(all levels at once, as FeatureImitation calls it), imitation_mask level by level, kinds 'gt' and 'full',
+imitation_mask_reference ('fine', the per-image, per-box loops), and yolov5s forward + backward on the
+same batch. The fast masks and the reference run interleaved, `--rounds` times; each time is the best
+seen (on a shared machine the minimum is the least disturbed). Prints a table.
+
+    python benchmarks/mask_speed.py                          # batch 16 at 640, as in the issue
+    python benchmarks/mask_speed.py --fb-repeat 0 --rounds 10  # masks only
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.distill import imitation_mask, imitation_mask_reference, imitation_masks  # noqa: E402
+
+ANCHORS = ([10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326])
+STRIDES = (8, 16, 32)
+
+
+def random_targets(bs, max_boxes, seed):
+    """[n, 6] targets with n_i ~ U{0..max_boxes} boxes per image; sizes skewed to small, like COCO."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(bs):
+        n = int(torch.randint(0, max_boxes + 1, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g)
+        wh = 0.01 + 0.7 * torch.rand(n, 2, generator=g) ** 2
+        rows.append(torch.cat((torch.full((n, 1), float(i)), torch.zeros(n, 1), xy, wh), 1))
+    return torch.cat(rows)
+
+
+def elapsed_ms(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def student_step_ms(bs, imgsz, repeat):
+    """Best of `repeat` yolov5s forward + backward steps (after one warm-up step)."""
+    from models.yolo import DetectionModel
+
+    model = DetectionModel("yolov5s.yaml").train()
+    x = torch.rand(bs, 3, imgsz, imgsz)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        sum(p.sum() for p in model(x)).backward()
+
+    step()
+    return min(elapsed_ms(step) for _ in range(repeat))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--max-boxes", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (reference once, fast masks 5x each)")
+    ap.add_argument("--fb-repeat", type=int, default=2, help="timed student forward+backward steps (0: skip)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (0: torch default)")
+    opt = ap.parse_args()
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+
+    targets = random_targets(opt.batch, opt.max_boxes, opt.seed)
+    anchors = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in ANCHORS]
+    hws = [(opt.imgsz // s, opt.imgsz // s) for s in STRIDES]
+
+    def per_level(fn, kind="fine"):
+        return [fn(targets, a, s, hw, opt.batch, kind=kind) for a, s, hw in zip(anchors, STRIDES, hws)]
+
+    def joint(kind="fine"):
+        return imitation_masks(targets, anchors, STRIDES, hws, opt.batch, kind=kind)
+
+    for kind in ("fine", "gt"):  # the timed functions agree with the reference on this batch
+        ref = per_level(imitation_mask_reference, kind)
+        fast = zip(ref, joint(kind), per_level(imitation_mask, kind))
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in fast)
+    cases = {
+        "imitation_masks fine (3 levels at once)": joint,
+        "imitation_mask fine (level by level)": lambda: per_level(imitation_mask),
+        "imitation_masks gt": lambda: joint("gt"),
+        "imitation_masks full": lambda: joint("full"),
+    }
+    best = dict.fromkeys([*cases, "imitation_mask_reference fine"], float("inf"))
+    for _ in range(opt.rounds):
+        best["imitation_mask_reference fine"] = min(best["imitation_mask_reference fine"],
+                                                    elapsed_ms(lambda: per_level(imitation_mask_reference)))
+        for name, fn in cases.items():
+            best[name] = min([best[name]] + [elapsed_ms(fn) for _ in range(5)])
+    fb = student_step_ms(opt.batch, opt.imgsz, opt.fb_repeat) if opt.fb_repeat else float("nan")
+    best["yolov5s forward+backward"] = fb
+
+    ref = best["imitation_mask_reference fine"]
+    print(f"\nimitation masks, 3 levels | 2-core CPU (shared), {torch.get_num_threads()} torch thread(s) | batch "
+          f"{opt.batch} at {opt.imgsz}, {len(targets)} boxes (0..{opt.max_boxes} per image) | best of "
+          f"{opt.rounds} interleaved rounds, wall clock")
+    print(f"{'':42}{'ms':>10}{'ref / this':>12}{'% of f+b':>10}")
+    for name, ms in best.items():
+        print(f"{name:42}{ms:10.2f}{ref / ms:12.1f}{100 * ms / fb:10.3f}")
+    fine = best["imitation_masks fine (3 levels at once)"]
+    print(f"fine masks: {ref / fine:.0f}x faster than the loop reference, {100 * fine / fb:.3f}% of a yolov5s "
+          f"forward+backward; equal to the reference: yes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""Fine-grained Feature Imitation (Wang et al., CVPR 2019): imitation masks, adaptation layers, loss.
+
+The student imitates the teacher's neck features (the maps Detect consumes) only at the cells near
+objects. A cell belongs to the mask of a level when one of that level's anchors, centred on the cell,
+overlaps some ground-truth box with IoU > psi * (the best IoU any anchor/cell of the level reaches with
+that box). The imitation loss is the squared error between adapt(student) and teacher over masked cells
+and channels, divided by 2 * (number of masked cells).
+
+`imitation_masks` / `imitation_mask` are the fast path (no loop over images or boxes, no host sync); they
+return exactly the booleans of `imitation_mask_reference`, the definition written out with loops (see
+`_fine_rows` for why the two agree bit for bit).
+"""
+import contextlib
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+KINDS = ("fine", "gt", "full")
+ADAPTERS = ("3x3", "1x1", "none")
+_EPS = 1e-9  # added to anchor area + box area so that a zero-size box never gives 0/0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry shared by the fast path and the reference: one float formula, so both see identical values.
+
+def _check_args(targets, anchors, stride, feature_hw, batch_size, thresh, kind):
+    if kind not in KINDS:
+        raise ValueError(f"imitation mask kind '{kind}' is not one of {KINDS}")
+    if not 0.0 < float(thresh) <= 1.0:
+        raise ValueError(f"imitation mask thresh (psi) must be in (0, 1], got {thresh}")
+    if targets.ndim != 2 or targets.shape[1] != 6:
+        raise ValueError(f"targets must be [n, 6] (image, class, x, y, w, h), got {tuple(targets.shape)}")
+    if anchors.ndim != 2 or anchors.shape[1] != 2:
+        raise ValueError(f"anchors must be [na, 2] in pixels, got {tuple(anchors.shape)}")
+    h, w = feature_hw
+    if h < 1 or w < 1 or batch_size < 0 or stride <= 0:
+        raise ValueError(f"bad feature_hw={feature_hw}, batch_size={batch_size} or stride={stride}")
+
+
+def _boxes_px(targets, stride, h, w):
+    """Targets [n, 6] -> image index [n] (long), box x1, x2, y1, y2, w, h in input pixels (each [n]).
+    Non-finite values become 0 and the rest is clipped to +-1e4, so broken labels mark nothing or little
+    instead of breaking the arithmetic."""
+    t = targets.float().nan_to_num(0.0, 0.0, 0.0).clamp_(-1e4, 1e4)
+    bx, bw = t[:, 2] * (w * stride), t[:, 4] * (w * stride)
+    by, bh = t[:, 3] * (h * stride), t[:, 5] * (h * stride)
+    return t[:, 0].long(), bx - bw / 2, bx + bw / 2, by - bh / 2, by + bh / 2, bw, bh
+
+
+def _centres(n, stride, device):
+    """Cell centres (i + 0.5) * stride in pixels, [n] ascending."""
+    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * stride
+
+
+def _reach(centres, half, b1, b2):
+    """How far an anchor of half-length `half` centred on each cell reaches into the box [b1, b2].
+
+    Returns (r, l): r = anchor end - box start (non-decreasing along the cells), l = box end - anchor start
+    (non-increasing); centres [cells], half [na, 1 or cells], b1/b2 broadcast in front ([n, 1, 1] or 0-d).
+    """
+    return (centres + half) - b1, b2 - (centres - half)
+
+
+def _overlap(r, l, a_len, b_len):
+    """Length of the 1-D intersection: max(0, min(r, l, anchor length, box length)); overwrites r.
+
+    A min of one non-decreasing and one non-increasing sequence (and constants): exactly unimodal along
+    the cells in floating point too, which the fast path relies on.
+    """
+    torch.minimum(r, l, out=r)
+    torch.minimum(r, a_len, out=r)
+    torch.minimum(r, b_len, out=r)
+    return r.clamp_(min=0)
+
+
+def _union_base(anchor_area, box_area):
+    """Anchor area + box area (+eps); IoU = inter / (this - inter)."""
+    return (anchor_area + box_area) + _EPS
+
+
+def _matches_level(anchors, bw, bh, anchor_t):
+    """YOLOv5's target matching: max(w/a_w, a_w/w, h/a_h, a_h/h) < anchor_t for at least one anchor.
+
+    anchors [..., na, 2] -> bool [n, ...] (one level: [n]; levels side by side: [n, L])."""
+    wh = torch.stack((bw, bh), -1).view(-1, *[1] * (anchors.ndim - 1), 2)
+    r = wh / anchors  # [n, ..., na, 2]
+    return (torch.max(r, 1 / r).amax(-1) < anchor_t).any(-1)
+
+
+def anchor_box_iou(anchors, stride, h, w, x1, x2, y1, y2, bw, bh):
+    """IoU [na, h, w] of each anchor centred on each cell with one box (pixel corners x1, x2, y1, y2, size)."""
+    aw, ah = anchors[:, :1], anchors[:, 1:]  # [na, 1]
+    ovx = _overlap(*_reach(_centres(w, stride, x1.device), aw / 2, x1, x2), aw, bw)  # [na, w]
+    ovy = _overlap(*_reach(_centres(h, stride, x1.device), ah / 2, y1, y2), ah, bh)  # [na, h]
+    inter = ovy[:, :, None] * ovx[:, None, :]
+    return inter / (_union_base(aw * ah, bw * bh)[:, :, None] - inter)
+
+
+def imitation_mask_reference(targets, anchors, stride, feature_hw, batch_size, thresh=0.5, kind="fine",
+                             anchor_t=None):
+    """Test/benchmark reference: the same mask written straight from the definition, image by image and box
+    by box (dense IoU of every anchor at every cell). Slow; same signature and result as imitation_mask."""
+    stride = float(stride)
+    _check_args(targets, anchors, stride, feature_hw, batch_size, thresh, kind)
+    h, w = int(feature_hw[0]), int(feature_hw[1])
+    dev = targets.device
+    mask = torch.zeros(batch_size, h, w, dtype=torch.bool, device=dev)
+    if kind == "full":
+        return mask | True
+    anchors = anchors.to(device=dev, dtype=torch.float32)
+    img, x1, x2, y1, y2, bw, bh = _boxes_px(targets, stride, h, w)
+    cx, cy = _centres(w, stride, dev), _centres(h, stride, dev)
+    for i in range(batch_size):
+        for j in torch.nonzero(img == i).flatten().tolist():
+            if anchor_t is not None and not _matches_level(anchors, bw[j:j + 1], bh[j:j + 1], float(anchor_t))[0]:
+                continue
+            if kind == "gt":
+                inside_x = (cx > x1[j]) & (cx < x2[j])
+                inside_y = (cy > y1[j]) & (cy < y2[j])
+                mask[i] |= inside_y[:, None] & inside_x[None, :]
+                continue
+            iou = anchor_box_iou(anchors, stride, h, w, x1[j], x2[j], y1[j], y2[j], bw[j], bh[j])  # [na, h, w]
+            mask[i] |= (iou > thresh * iou.max()).any(0)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast path. The levels are laid side by side: rows r = (level, y) and columns (level, x) of all levels
+# are concatenated, so one torch op serves every level (op overhead, not arithmetic, dominates on CPU).
+
+_SLACK = 1 / 64  # cells; > |real estimate - float boundary| (a few ulps) while box coordinates stay < ~1e5 px
+_BIG = float(2 ** 20)  # added to an interval start to empty it (ends stay exact integers in float32)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    """Run the mask ops single-threaded on CPU (thread count restored after): they are many small ops, for
+    which intra-op threads only add overhead, and each parallel op can stall for milliseconds when the
+    cores are shared (measured: 160 ms instead of 0.5 ms for 20 adds of 57k floats on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(hws, strides, batch_size, device):
+    """Tables for levels side by side, built once per shape on the device.
+
+    Per row r = (level l, y): level, centre cy, stride, width w_l (float), offset of (image 0, y) in the flat
+    difference buffer and the step from one image to the next. Per column (l, x): level, centre cx. The
+    buffer holds per level batch_size images of h_l rows of w_l + 1 counters.
+    """
+    def cat(parts, dtype):
+        return torch.cat([p.to(dtype) for p in parts])
+
+    full = functools.partial(torch.full, device=device)
+    rows, cols, levels, off = [], [], [], 0
+    for lvl, ((h, w), s) in enumerate(zip(hws, strides)):
+        y = torch.arange(h, device=device)
+        rows.append((full((h,), lvl), _centres(h, s, device), full((h,), s), full((h,), w), off + y * (w + 1),
+                     full((h,), h * (w + 1))))
+        cols.append((full((w,), lvl), _centres(w, s, device)))
+        levels.append((off, h, w))
+        off += batch_size * h * (w + 1)
+    f32, i64 = torch.float32, torch.int64
+    lvl_r, cy, s_r, w_r, base_r, step_r = (cat(p, d) for p, d in zip(zip(*rows), (i64, f32, f32, f32, i64, i64)))
+    lvl_c, cx = (cat(p, d) for p, d in zip(zip(*cols), (i64, f32)))
+    return SimpleNamespace(lvl_r=lvl_r, cy=cy, s_r=s_r, w_r=w_r, base_r=base_r, step_r=step_r, lvl_c=lvl_c, cx=cx,
+                           hs=[h for h, _ in hws], ws=[w for _, w in hws], wmax=max(w for _, w in hws),
+                           levels=levels, size=off)
+
+
+def _below(p, t):
+    """-1.0 where p < t else 0.0, overwriting p (float). Exact: the rounded p - t is < 0 iff p < t. In-place
+    arithmetic because on CPU a comparison to bool and back to float costs several times more."""
+    return p.sub_(t).sign_().clamp_(max=0)
+
+
+def _floor_(x):
+    """floor of x >= 0, in place, as x - frac(x): torch.floor/ceil start the thread pool even on small tensors,
+    which stalls for milliseconds when the cores are busy."""
+    return x.sub_(x.frac())
+
+
+def _ulp_window(x, k):
+    """Floats around positive x: x stepped by -k..k units in the last place (via the bit pattern), [..., 2k+1]."""
+    bits = x.clamp(min=1e-30, max=1e30).view(torch.int32)  # positive finite floats order like their bits
+    return (bits[..., None] + torch.arange(-k, k + 1, device=x.device, dtype=torch.int32)).view(torch.float32)
+
+
+def _per_level_max(x, sizes):
+    """[..., sum(sizes)] -> [..., L]: max over each level's slice of the last dim."""
+    return torch.stack([part.amax(-1) for part in x.split(sizes, -1)], -1)
+
+
+def _fine_rows(lay, anchors, x1, x2, y1, y2, bw, bh, thresh):
+    """For every (box, anchor, row r = (level, y)): the cells [lo, stop) of that row whose IoU > psi * best.
+
+    Why this equals the dense definition bit for bit (float32, round to nearest): with I = ovy[y] * ovx[x]
+    (rounded), the rounded IoU(I) = I / (S - I) is non-decreasing in I, so IoU > F <=> I >= I*, the first
+    float where it holds; I* is found among the floats next to F*S/(1+F) (the real solution, a few ulps
+    away; if none is above F, nothing can exceed F, e.g. psi = 1, and the last one is above every I). The
+    best IoU is IoU(max ovy * max ovx) by the same monotonicity. In row y (v = ovy[y]),
+    rounded v * ovx[x] = max(0, min(v*r[x], v*l[x], v*a_w, v*b_w)) (rounding is monotone), where
+    r[x] = anchor end - box start rises with x and l[x] = box end - anchor start falls. So the row's cells
+    are [first x with v*r[x] >= I*, last x with v*l[x] >= I*], provided v*a_w, v*b_w >= I*. Each end comes
+    from its real-arithmetic estimate x0, settled by one exact evaluation at x0 of v*r[x] (v*l[x]) with
+    the same float operations as `_reach`. Rows with v = 0, and boxes without any overlap, come out empty.
+    anchors [L, na, 2]; boxes [n]. Returns lo, stop = hi + 1: float, integer-valued, [n, na, R]; empty
+    when stop <= lo; they may lie off the map.
+    """
+    aw, ah = anchors[..., 0], anchors[..., 1]  # [L, na]
+    # anchor widths per column [na, C] and sizes per row [na, R]; contiguous, or every op below slows down
+    aw_c = aw.T.index_select(1, lay.lvl_c)
+    aw_r, ah_r = aw.T.index_select(1, lay.lvl_r), ah.T.index_select(1, lay.lvl_r)
+    x1, x2, y1, y2, bw, bh = (b[:, None, None] for b in (x1, x2, y1, y2, bw, bh))  # [n, 1, 1]
+    ovx = _overlap(*_reach(lay.cx, aw_c / 2, x1, x2), aw_c, bw)  # [n, na, C]
+    v = _overlap(*_reach(lay.cy, ah_r / 2, y1, y2), ah_r, bh)  # ovy, [n, na, R]
+    best = _per_level_max(v, lay.hs) * _per_level_max(ovx, lay.ws)  # [n, na, L]
+    s = _union_base((aw * ah).T, bw * bh)  # [n, na, L]
+    f = thresh * (best / (s - best)).amax(1, keepdim=True)  # F per box and level, [n, 1, L]
+    cand = _ulp_window(f * s / (1 + f), 8)  # [n, na, L, 17] floats around the real root of I / (S - I) = F
+    above = cand / (s[..., None] - cand) > f[..., None]  # False..False True..True
+    i_star = cand.gather(-1, (~above).sum(-1, keepdim=True).clamp_(max=cand.shape[-1] - 1))[..., 0]
+    i_star = i_star.index_select(-1, lay.lvl_r)  # [n, na, R]
+
+    s_r, half = lay.s_r, aw_r / 2  # [R], [na, R]
+    q = i_star / v  # ovx that row needs, real arithmetic (v = 0: inf, clamped below -> empty row)
+    # lo: first x with v*r[x] >= I*. With e the real root of r[x] = q, x0 = floor(e - slack) + 1 is in
+    # doubt: lo = x0 if v*r[x0] >= I* else x0 + 1. (u = e - slack + 2, clamped to stay >= 0 for _floor_.)
+    u = (q + ((1.5 - _SLACK) * s_r - half)).add_(x1).div_(s_r).clamp_(0, lay.wmax + 3)
+    x0 = _floor_(u).sub_(1)
+    lo = x0.sub_(_below((x0 + 0.5).mul_(s_r).add_(half).sub_(x1).mul_(v), i_star))
+    # stop = hi + 1, hi the last x with v*l[x] >= I*: x0 = ceil(e + slack) - 1 = (wmax + 1) - floor(z),
+    # z = (wmax + 1) - (e + slack - 1) >= 0 with e from l[x] = q; hi = x0 if v*l[x0] >= I* else x0 - 1.
+    z = q.add_((lay.wmax + 2.5 - _SLACK) * s_r - half).sub_(x2).div_(s_r).clamp_(0, 2 * lay.wmax + 4)
+    x0 = _floor_(z).neg_().add_(lay.wmax + 1)
+    stop = x0.add_(_below((x0 + 0.5).mul_(s_r).sub_(half).neg_().add_(x2).mul_(v), i_star)).add_(1)
+    # v*a_w >= I* and v*b_w >= I*, else empty
+    lo.add_(_below(v.mul_(torch.minimum(aw_r, bw)), i_star), alpha=-_BIG)
+    return lo, stop
+
+
+def _gt_rows(lay, x1, x2, y1, y2):
+    """For every (box, row r): cells [lo, stop) whose centre lies strictly inside the box, [n, 1, R] each."""
+    per_level = lay.cx.split(lay.ws)
+    lo = torch.stack([torch.searchsorted(c, x1, side="right") for c in per_level], -1)  # first centre > x1
+    stop = torch.stack([torch.searchsorted(c, x2, side="left") for c in per_level], -1)  # first centre >= x2
+    outside = ((lay.cy <= y1[:, None]) | (lay.cy >= y2[:, None])).float()  # [n, R]
+    lo = lo.float().index_select(-1, lay.lvl_r).add_(outside, alpha=_BIG)
+    return lo[:, None], stop.float().index_select(-1, lay.lvl_r)[:, None]
+
+
+def _paint(lay, img, lo, stop, batch_size):
+    """Union of row intervals [lo, stop) (float, integer-valued, [n, k, R]) into one bool [bs, h_l, w_l] mask
+    per level: +1 at lo, -1 at stop, cumulative sum along x. Empty (stop <= lo) or off-map parts add
+    nothing, and so do boxes of images outside [0, batch_size). Overwrites lo."""
+    stray = ((img < 0) | (img >= batch_size)).float()[:, None, None]  # [n, 1, 1]
+    lo.add_(stray, alpha=_BIG)  # their intervals become empty
+    base = (lay.base_r + img.clamp(0, batch_size - 1)[:, None] * lay.step_r)[:, None]  # offset of (image, row)
+    exact = lay.size < 2 ** 24  # offsets are exact in float32: add them before the (costly) int64 cast
+    base = base.float() if exact else base
+    stop = torch.maximum(stop, lo)  # = lo for empty intervals: +1 and -1 cancel
+    lo, stop = (torch.minimum(x.clamp_(min=0), lay.w_r, out=x) for x in (lo, stop))
+    lo, stop = ((x.add_(base).long() if exact else x.long().add_(base)).view(-1) for x in (lo, stop))
+    diff = torch.zeros(lay.size, dtype=torch.int32, device=img.device)
+    ones = torch.ones(lo.numel(), dtype=torch.int32, device=img.device)
+    diff.scatter_add_(0, lo, ones)
+    diff.scatter_add_(0, stop, ones.neg_())
+    counts = diff.cumsum(0, dtype=torch.int32)  # each row's +1/-1 pairs sit inside the row: no carry-over
+    return [counts[o:o + batch_size * h * (w + 1)].view(batch_size, h, w + 1)[..., :w].bool()
+            for o, h, w in lay.levels]  # counts >= 0
+
+
+def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0.5, kind="fine", anchor_t=None):
+    """Imitation masks of several levels of one input at once: list of bool [batch_size, h_l, w_l].
+
+    Each equals imitation_mask(targets, anchors[l], strides[l], feature_hws[l], ...); sharing the torch ops
+    across levels makes it about L times cheaper. anchors: list of [na, 2] (pixels) or [L, na, 2];
+    strides: Python numbers. Levels of different input sizes (h_l * stride_l) are computed one by one.
+    """
+    strides = [float(s) for s in strides]
+    hws = [(int(h), int(w)) for h, w in feature_hws]
+    if not len(anchors) == len(strides) == len(hws):
+        raise ValueError(f"levels differ: {len(anchors)} anchors, {len(strides)} strides, {len(hws)} feature sizes")
+    for a, s, hw in zip(anchors, strides, hws):
+        _check_args(targets, a, s, hw, batch_size, thresh, kind)
+    dev = targets.device
+    with _one_cpu_thread(dev):
+        if kind == "full" or batch_size == 0 or not hws:
+            return [torch.full((batch_size, h, w), kind == "full", dtype=torch.bool, device=dev) for h, w in hws]
+        if len({(h * s, w * s) for (h, w), s in zip(hws, strides)}) > 1:  # box pixels differ per level
+            return [imitation_masks(targets, [a], [s], [hw], batch_size, thresh, kind, anchor_t)[0]
+                    for a, s, hw in zip(anchors, strides, hws)]
+        anchors = torch.stack([torch.as_tensor(a) for a in anchors]).to(device=dev, dtype=torch.float32)  # [L, na, 2]
+        lay = _layout(tuple(hws), tuple(strides), int(batch_size), dev)
+        img, x1, x2, y1, y2, bw, bh = _boxes_px(targets, strides[0], *hws[0])
+        if kind == "gt":
+            lo, stop = _gt_rows(lay, x1, x2, y1, y2)
+        else:
+            lo, stop = _fine_rows(lay, anchors, x1, x2, y1, y2, bw, bh, float(thresh))
+        if anchor_t is not None:  # boxes YOLOv5 assigns to other levels: empty intervals
+            other = (~_matches_level(anchors, bw, bh, float(anchor_t))).float()  # [n, L]
+            lo = lo + other.index_select(-1, lay.lvl_r)[:, None] * _BIG
+        return _paint(lay, img, lo, stop, batch_size)
+
+
+def imitation_mask(targets, anchors, stride, feature_hw, batch_size, thresh=0.5, kind="fine", anchor_t=None):
+    """Imitation mask of one level, bool [batch_size, H, W], on targets' device.
+
+    targets [n, 6] (image index, class, x, y, w, h normalised to the input of size (H*stride, W*stride));
+    anchors [na, 2] in pixels; stride a Python number; thresh = psi. kind: 'fine' (the paper's anchor-IoU
+    rule), 'gt' (cells whose centre lies strictly inside a box), 'full' (every cell of every image, with
+    or without boxes). anchor_t: if set, only boxes that YOLOv5's target matching assigns to this level
+    count ('fine', 'gt'). Rows whose image index is outside [0, batch_size) are ignored; zero-size boxes
+    mark nothing. Vectorised over images, boxes, anchors and cells; no host sync.
+    """
+    return imitation_masks(targets, [anchors], [stride], [feature_hw], batch_size, thresh, kind, anchor_t)[0]
+
+
+def mask_coverage(masks):
+    """Percentage of cells in each level's mask (list of floats; syncs with the device, call when logging)."""
+    return [100.0 * m.float().mean().item() if m.numel() else 0.0 for m in masks]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adaptation layers and loss
+
+def build_adapters(student_ch, teacher_ch, kind="3x3"):
+    """One adaptation layer per level, student channels -> teacher channels.
+
+    '3x3': Conv2d 3x3 (pad 1, bias) + ReLU, as in the paper. Note: YOLOv5 neck features come out of SiLU
+    (>= -0.28), so a ReLU adapter cannot reproduce the teacher's small negative values; kept as published.
+    '1x1': a 1x1 Conv2d, no activation. 'none': identity (needs equal channels).
+    Weights start small (normal, std 0.01; zero bias): the adapter output starts near zero, so the first
+    imitation gradients reaching the (often pretrained) student are small and not a random projection of
+    the full error; the adapter learns the channel map before it pulls hard on the student.
+    """
+    student_ch, teacher_ch = list(student_ch), list(teacher_ch)
+    if kind not in ADAPTERS:
+        raise ValueError(f"adapter kind '{kind}' is not one of {ADAPTERS}")
+    if len(student_ch) != len(teacher_ch):
+        raise ValueError(f"student has {len(student_ch)} imitated levels, teacher {len(teacher_ch)}")
+    layers = []
+    for cs, ct in zip(student_ch, teacher_ch):
+        if kind == "none":
+            if cs != ct:
+                raise ValueError(f"adapter 'none' needs equal channels, got student {cs} vs teacher {ct}; "
+                                 f"use '1x1' or '3x3'")
+            layers.append(nn.Identity())
+            continue
+        conv = nn.Conv2d(cs, ct, 3 if kind == "3x3" else 1, padding=1 if kind == "3x3" else 0, bias=True)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        layers.append(nn.Sequential(conv, nn.ReLU()) if kind == "3x3" else conv)
+    return nn.ModuleList(layers)
+
+
+def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None):
+    """Sum over levels of sum_{masked cells, channels} (adapt(s) - t)^2 / (2 * N_p), in float32.
+
+    N_p = masked cells of the level over the batch; a level with no masked cell gives 0 that is still
+    connected to the student and the adapter. normalize='channel' also divides each level by its channels.
+    Returns (loss scalar, per_level detached [nl]).
+    """
+    if normalize not in (None, "channel"):
+        raise ValueError(f"normalize must be None or 'channel', got {normalize}")
+    if not len(student_feats) == len(teacher_feats) == len(masks) == len(adapters):
+        raise ValueError(f"levels differ: {len(student_feats)} student, {len(teacher_feats)} teacher, "
+                         f"{len(masks)} masks, {len(adapters)} adapters")
+    terms = []
+    for s, t, m, adapt in zip(student_feats, teacher_feats, masks, adapters):
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            a = adapt(s.float())
+        t = t.detach().float()
+        if a.shape != t.shape or m.shape != (t.shape[0], *t.shape[2:]):
+            raise ValueError(f"shapes differ: adapted student {tuple(a.shape)}, teacher {tuple(t.shape)}, "
+                             f"mask {tuple(m.shape)}")
+        sq = (a - t).pow(2).sum(1)  # [bs, H, W]
+        n_p = m.sum().clamp(min=1)
+        term = torch.where(m, sq, torch.zeros((), device=sq.device)).sum() / (2 * n_p)
+        terms.append(term / t.shape[1] if normalize == "channel" else term)
+    loss = torch.stack(terms).sum()
+    return loss, torch.stack(terms).detach()
+
+
+class FeatureImitation(nn.Module):
+    """Adapters + settings of the imitation term.
+
+    student_ch, teacher_ch: channels of every level Detect consumes; levels: indices imitated (default
+    all); adapter: build_adapters kind; thresh (psi), kind, anchor_t: imitation_mask settings; weight:
+    lambda; warmup: iterations before the term switches on; normalize: imitation_loss option.
+    state_dict() has exactly the keys of build_adapters(...).state_dict() (the adapters are the only
+    children), so it can be a checkpoint's 'adapters' and loaded into either.
+    """
+
+    def __init__(self, student_ch, teacher_ch, levels=None, adapter="3x3", thresh=0.5, kind="fine",
+                 anchor_t=None, weight=0.01, warmup=0, normalize=None):
+        super().__init__()
+        levels = list(range(len(student_ch))) if levels is None else [int(i) for i in levels]
+        if not levels or any(not 0 <= i < len(student_ch) for i in levels):
+            raise ValueError(f"imitated levels {levels} not within 0..{len(student_ch) - 1}")
+        if kind not in KINDS or normalize not in (None, "channel"):
+            raise ValueError(f"bad imitation kind '{kind}' or normalize '{normalize}'")
+        adapters = build_adapters([student_ch[i] for i in levels], [teacher_ch[i] for i in levels], adapter)
+        for k, m in enumerate(adapters):
+            self.add_module(str(k), m)
+        self.adapters = list(adapters)  # plain list: the modules are registered once, under '0', '1', ...
+        self.levels, self.thresh, self.kind, self.anchor_t = levels, thresh, kind, anchor_t
+        self.weight, self.warmup, self.normalize = weight, warmup, normalize
+
+    def forward(self, student_feats, teacher_feats, targets, anchors_px_per_level, strides, iteration):
+        """-> (weight * imitation loss, stats), for all levels' features (lists indexed like Detect's inputs),
+        the batch targets [n, 6], anchors in pixels per level ([na, 2] each), strides (Python numbers or a
+        CPU tensor) and the global iteration. Before `warmup` iterations: a zero still connected to the
+        student features and the adapters. stats: 'loss' (weighted), 'raw', 'per_level' (detached tensors),
+        'masks' (list of bool masks, empty during warm-up; pass to mask_coverage when logging)."""
+        s = [student_feats[i] for i in self.levels]
+        if iteration < self.warmup:
+            zero = sum(x.float().sum() for x in s) * 0.0
+            zero = zero + sum(p.sum() for p in self.parameters()) * 0.0
+            z = zero.detach()
+            return zero, {"loss": z, "raw": z, "per_level": z.repeat(len(s)), "masks": []}
+        t = [teacher_feats[i] for i in self.levels]
+        masks = imitation_masks(targets, [anchors_px_per_level[i] for i in self.levels],
+                                [float(strides[i]) for i in self.levels], [x.shape[2:] for x in t], t[0].shape[0],
+                                self.thresh, self.kind, self.anchor_t)
+        raw, per_level = imitation_loss(s, t, masks, self.adapters, self.normalize)
+        loss = raw * self.weight
+        return loss, {"loss": loss.detach(), "raw": raw.detach(), "per_level": per_level, "masks": masks}
