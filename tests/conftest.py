@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny generated shapes set and a tiny model config, made once per test session."""
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("NO_COLOR", "1")
+
+NAMES = ["circle", "ellipse", "square", "rectangle", "hexagon", "star"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """16 train + 8 val shapes images of ~64 px, and their data yaml."""
+    from data.shapes_generator import main as generate
+
+    root = tmp_path_factory.mktemp("tiny_shapes")
+    generate(["--out", str(root), "--n-train", "16", "--n-val", "8", "--seed", "3", "--size", "64"])
+    f = root / "tiny.yaml"
+    f.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val", "names": NAMES}))
+    return f
+
+
+def tiny_cfg_dict(base="yolov5n.yaml", width=0.125, nc=6) -> dict:
+    from utils.files import find_file, yaml_load
+
+    d = yaml_load(find_file(base))
+    d.update(width_multiple=width, nc=nc)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory) -> Path:
+    """yolov5n's layout at width 0.125: the same graph as a real student, a few thousand parameters."""
+    f = tmp_path_factory.mktemp("cfg") / "yolov5-tiny.yaml"
+    f.write_text(yaml.safe_dump(tiny_cfg_dict()))
+    return f

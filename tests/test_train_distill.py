@@ -1,0 +1,127 @@
+"""Distillation through train_distill.py: teacher kinds, checkpoint contents, mismatch errors, resume."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_distill
+import val as validate
+from models.checkpoint import save_checkpoint
+from models.yolo import DetectionModel
+from tests.conftest import tiny_cfg_dict
+from utils.distill import FeatureImitation
+
+
+def make_teacher(path, base="yolov5s.yaml", width=0.25, nc=6, anchors=None):
+    """An untrained teacher checkpoint in the project's format (enough to exercise the plumbing)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg_dict(base, width=width, nc=nc)
+    if anchors is not None:
+        cfg["anchors"] = anchors
+    model = DetectionModel(cfg)
+    model.names = [f"t{i}" for i in range(nc)]
+    save_checkpoint(path, model)
+    return path
+
+
+def kd_run(tiny_data, tiny_cfg, tmp_path, teacher, **kw):
+    args = dict(cfg=str(tiny_cfg), data=str(tiny_data), imgsz=64, batch_size=8, epochs=1, workers=0, device="cpu",
+                project=str(tmp_path / "runs"), name="kd", noplots=True, noautoanchor=True, teacher=str(teacher),
+                distill_warmup=0)
+    args.update(kw)
+    return train_distill.run(**args)
+
+
+def test_distilled_student_checkpoint_is_a_plain_model(tiny_data, tiny_cfg, tmp_path):
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    kd = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, noplots=False)
+    plain = train_distill.run(cfg=str(tiny_cfg), data=str(tiny_data), imgsz=64, batch_size=8, epochs=1, workers=0,
+                              device="cpu", project=str(tmp_path / "runs"), name="plain", noplots=True,
+                              noautoanchor=True)
+    d = Path(kd.save_dir)
+    ck_kd = torch.load(d / "weights/best.pt", weights_only=True)
+    ck_plain = torch.load(Path(plain.save_dir) / "weights/best.pt", weights_only=True)
+    assert ck_kd["model"].keys() == ck_plain["model"].keys()  # no adapter inside the student
+    rec = ck_kd["distill"]
+    assert rec["teacher"] == str(teacher) and len(rec["teacher_sha256"]) == 64
+    assert (rec["target"], rec["mask"], rec["thresh"]) == ("neck", "fine", 0.5)
+    rows = (d / "results.csv").read_text().splitlines()
+    assert "train/kd_loss" in rows[0] and float(rows[1].split(",")[4]) > 0  # its own column, non-zero
+    assert (d / "distill_masks.jpg").is_file()
+
+
+def test_head_mode_and_its_mismatch_error(tiny_data, tiny_cfg, tmp_path):
+    anchors = tiny_cfg_dict()["anchors"]
+    same = make_teacher(tmp_path / "same.pt", nc=6, anchors=anchors)
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, same, distill_target="head")
+    assert torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)["distill"]["target"] == "head"
+
+    other_nc = make_teacher(tmp_path / "nc3.pt", nc=3)
+    with pytest.raises(ValueError, match="head"):
+        kd_run(tiny_data, tiny_cfg, tmp_path, other_nc, distill_target="head", name="bad")
+    assert not (tmp_path / "runs" / "bad" / "results.csv").exists()  # refused before the first step
+
+
+def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
+    teacher = make_teacher(tmp_path / "coco_like.pt", nc=80)
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher)
+    assert (Path(opt.save_dir) / "weights/best.pt").is_file()
+
+
+def test_p6_teacher_imitates_the_matching_levels(tiny_data, tiny_cfg, tmp_path, monkeypatch):
+    teacher = make_teacher(tmp_path / "p6.pt", base="yolov5s6.yaml", width=0.125)
+    seen = {}
+    real = train_distill.load_teacher
+
+    def spy(*a, **k):
+        t, levels = real(*a, **k)
+        seen["levels"] = levels
+        return t, levels
+
+    monkeypatch.setattr(train_distill, "load_teacher", spy)
+    kd_run(tiny_data, tiny_cfg, tmp_path, teacher, imgsz=128)
+    assert seen["levels"] == [0, 1, 2]  # strides 8/16/32 of the teacher's 8/16/32/64
+
+
+def test_stride_and_image_size_mismatch_errors(tiny_data, tiny_cfg, tmp_path):
+    p6_teacher = make_teacher(tmp_path / "p6.pt", base="yolov5s6.yaml", width=0.125)
+    with pytest.raises(ValueError, match="stride 64"):  # 96 px suits the student (32) but not the P6 teacher (64)
+        kd_run(tiny_data, tiny_cfg, tmp_path, p6_teacher, imgsz=96)
+    p5_teacher = make_teacher(tmp_path / "p5.pt")
+    p6_student = tmp_path / "p6_student.yaml"
+    import yaml
+    p6_student.write_text(yaml.safe_dump(tiny_cfg_dict("yolov5n6.yaml", width=0.125)))
+    with pytest.raises(ValueError, match="missing \\[64\\]"):
+        kd_run(tiny_data, p6_student, tmp_path, p5_teacher, imgsz=128)
+
+
+def test_resume_of_a_distilling_run_keeps_the_adapters(tiny_data, tiny_cfg, tmp_path, monkeypatch):
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    calls = {"n": 0}
+    real_val = validate.run
+
+    def val_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_val(*a, **k)
+
+    monkeypatch.setattr(validate, "run", val_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2)
+    monkeypatch.setattr(validate, "run", real_val)
+    last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
+    saved = torch.load(last, weights_only=True)["adapters"]
+    assert saved, "an unfinished distilling run keeps its adapters in last.pt"
+
+    loaded = {}
+    real_load = FeatureImitation.load_state_dict
+
+    def spy(self, state, *a, **k):
+        loaded.update(state)
+        return real_load(self, state, *a, **k)
+
+    monkeypatch.setattr(FeatureImitation, "load_state_dict", spy)
+    opt = train_distill.run(resume=str(last))
+    assert opt.teacher == str(teacher) and loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k].float()) for k in saved)

@@ -1,0 +1,610 @@
+"""Train a YOLOv5 detector; with --teacher, distil a frozen teacher into it by Fine-grained Feature Imitation.
+
+Plain training and distillation are one code path: without --teacher the imitation term is absent and
+this is ordinary YOLOv5 training, so a baseline differs from its distilled twin by that term only.
+
+    python train_distill.py                                      # yolov5s on the embedded shapes set
+    python train_distill.py --cfg yolov5s.yaml --data coco128.yaml --weights yolov5s.pt
+    python train_distill.py --teacher yolov5l.pt --cfg yolov5s.yaml --data coco128.yaml
+    torchrun --nproc_per_node 2 train_distill.py --teacher runs/train/exp/weights/best.pt --batch-size 32
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import math
+import os
+import sys
+import time
+from copy import deepcopy
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import val as validate
+from models.checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint, strip_optimizer, \
+    transfer_weights
+from models.yolo import DetectionModel
+from utils.autoanchor import check_anchors
+from utils.dataloaders import check_dataset, create_dataloader
+from utils.distill import FeatureImitation, mask_coverage
+from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
+from utils.logging import LOGGER, colorstr
+from utils.loss import ComputeLoss, scale_loss_gains
+from utils.metrics import fitness
+from utils.plots import plot_distill_masks, plot_images, plot_labels, plot_results
+from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, ModelEMA, de_parallel, init_seeds, select_device, \
+    smart_optimizer, torch_distributed_zero_first
+
+MAX_NONFINITE = 5  # consecutive non-finite losses before the run is stopped
+CSV_KEYS = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "train/kd_loss",
+            "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+            "val/box_loss", "val/obj_loss", "val/cls_loss", "x/lr0", "x/lr1", "x/lr2"]
+
+
+class StudentWithImitation(nn.Module):
+    """The trainable part of a step: the student and, when distilling, its adapters.
+
+    One module so that DDP wraps (and synchronises) the adapters together with the student; checkpoints
+    still store the two apart, so the student's state_dict keys are exactly those of a plain run.
+    """
+
+    def __init__(self, model: DetectionModel, imitation: FeatureImitation | None = None, target: str = "neck"):
+        super().__init__()
+        self.model = model
+        self.imitation = imitation
+        self.target = target  # 'neck': the maps Detect consumes; 'head': the raw Detect maps
+
+    def forward(self, imgs, targets=None, teacher_feats=None, iteration=0):
+        if self.imitation is None:
+            return self.model(imgs), None, {}
+        pred, feats = self.model(imgs, return_features=True)
+        student_feats = [head_as_image(p) for p in pred] if self.target == "head" else feats
+        detect, strides = self.model.model[-1], self.model.stride.tolist()  # model.stride lives on the CPU: no sync
+        anchors_px = [detect.anchors[i] * s for i, s in enumerate(strides)]
+        kd_loss, stats = self.imitation(student_feats, teacher_feats, targets, anchors_px, strides, iteration)
+        return pred, kd_loss, stats
+
+
+class EarlyStopping:
+    """Stop when fitness has not improved for `patience` epochs."""
+
+    def __init__(self, patience=100):
+        self.best_fitness, self.best_epoch = 0.0, 0
+        self.patience = patience or float("inf")
+
+    def __call__(self, epoch, fitness_value):
+        if fitness_value >= self.best_fitness:
+            self.best_epoch, self.best_fitness = epoch, fitness_value
+        stop = (epoch - self.best_epoch) >= self.patience
+        if stop:
+            LOGGER.info(f"Stopping early: no improvement in the last {self.patience} epochs; best was epoch "
+                        f"{self.best_epoch}. Set --patience 0 to disable.")
+        return stop
+
+
+def check_img_size(imgsz: int, stride: int) -> int:
+    """Round the image size up to a multiple of the model's largest stride, with a warning."""
+    new = max(math.ceil(int(imgsz) / stride) * stride, stride)
+    if new != imgsz:
+        LOGGER.warning(f"WARNING --imgsz {imgsz} is not a multiple of max stride {stride}, using {new}")
+    return new
+
+
+def file_sha256(path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_teacher(opt, student: DetectionModel, device) -> tuple[nn.Module, list[int]]:
+    """Load the frozen teacher and pick its levels whose strides match the student's (P6 teachers have one more)."""
+    teacher = load_model(opt.teacher, device=device)
+    teacher.eval().requires_grad_(False)
+    if device.type == "cuda":
+        teacher.half()
+    t_det, s_det = teacher.model[-1], student.model[-1]
+    t_strides, s_strides = [int(s) for s in t_det.stride.tolist()], [int(s) for s in s_det.stride.tolist()]
+    missing = [s for s in s_strides if s not in t_strides]
+    if missing:
+        raise ValueError(f"teacher {opt.teacher} has strides {t_strides}; the student needs {s_strides} "
+                         f"(missing {missing}): pick a teacher with the student's levels")
+    levels = [t_strides.index(s) for s in s_strides]
+    if opt.distill_target == "head":
+        same_anchors = all(torch.allclose(t_det.anchors[j] * t_strides[j], s_det.anchors[i] * s_strides[i])
+                           for i, j in enumerate(levels))
+        if t_det.nc != s_det.nc or not same_anchors:
+            raise ValueError(f"--distill-target head needs the teacher's nc and anchors to equal the student's "
+                             f"(teacher nc={t_det.nc}, student nc={s_det.nc}, anchors equal: {same_anchors}); "
+                             f"use --distill-target neck")
+    LOGGER.info(f"{colorstr('teacher:')} {opt.teacher}, imitating levels {levels} (strides {s_strides})")
+    teacher.info(imgsz=opt.imgsz)
+    return teacher, levels
+
+
+def head_as_image(p: torch.Tensor) -> torch.Tensor:
+    """Raw Detect map [bs, na, ny, nx, no] -> [bs, na*no, ny, nx], so head imitation uses the neck code."""
+    return p.permute(0, 1, 4, 2, 3).flatten(1, 2)
+
+
+@torch.no_grad()
+def teacher_features(teacher, imgs, levels, target: str) -> list[torch.Tensor]:
+    """The teacher's maps at the imitated levels, from one forward pass: neck features or raw head maps."""
+    x = imgs.half() if next(teacher.parameters()).dtype == torch.float16 else imgs
+    (_, raw), feats = teacher(x, return_features=True)
+    maps = [head_as_image(p) for p in raw] if target == "head" else feats
+    return [maps[j].float() for j in levels]
+
+
+def check_image_size_vs_teacher(teacher, imgsz):
+    gs_t = int(teacher.stride.max())
+    if imgsz % gs_t:
+        raise ValueError(f"--imgsz {imgsz} is not a multiple of the teacher's max stride {gs_t}")
+
+
+def train(hyp: dict, opt, device) -> tuple:
+    save_dir = Path(opt.save_dir)
+    epochs, batch_size, weights, single_cls = opt.epochs, opt.batch_size, opt.weights, opt.single_cls
+    main_process = RANK in (-1, 0)
+    w = save_dir / "weights"
+    last, best = w / "last.pt", w / "best.pt"
+    if main_process:
+        w.mkdir(parents=True, exist_ok=True)
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+    plots = not opt.noplots
+    cuda = device.type == "cuda"
+    init_seeds(opt.seed + 1 + RANK)
+
+    with torch_distributed_zero_first(LOCAL_RANK):
+        data_dict = check_dataset(opt.data)
+    train_path, val_path = data_dict["train"], data_dict["val"]
+    nc = 1 if single_cls else int(data_dict["nc"])
+    names = ["item"] if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+
+    # Model: from --cfg, initialised from --weights where shapes match (or resumed exactly)
+    ckpt = None
+    if weights:
+        ckpt = load_checkpoint(weights)
+        cfg = opt.cfg or ckpt["yaml"]
+        model = DetectionModel(find_file(cfg) if isinstance(cfg, str) else cfg, ch=3, nc=nc,
+                               anchors=hyp.get("anchors")).to(device)
+        exclude = ["anchors"] if (opt.cfg or hyp.get("anchors")) and not opt.resume else []
+        src = ckpt["model"] if opt.resume else (ckpt.get("ema") or ckpt["model"])
+        transfer_weights(model, src, exclude=exclude, source=weights)
+    else:
+        model = DetectionModel(find_file(opt.cfg), ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+
+    # Freeze: --freeze N freezes layers 0..N-1; --freeze a b c freezes those layers
+    freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
+    for k, v in model.named_parameters():
+        v.requires_grad = not any(x in k for x in freeze)
+        if not v.requires_grad:
+            LOGGER.info(f"freezing {k}")
+
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs)
+    if RANK == -1 and batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be positive")
+
+    # Teacher and imitation module (adapters are built before the optimiser so they train with the student)
+    teacher, imitation, teacher_levels = None, None, []
+    if opt.teacher:
+        teacher, teacher_levels = load_teacher(opt, model, device)
+        check_image_size_vs_teacher(teacher, imgsz)
+        s_det, t_det = model.model[-1], teacher.model[-1]
+        if opt.distill_target == "head":  # raw maps of equal shape: no adapter
+            student_ch = teacher_ch = [m.out_channels for m in s_det.m]
+        else:
+            student_ch = [m.in_channels for m in s_det.m]
+            teacher_ch = [t_det.m[j].in_channels for j in teacher_levels]
+        imitation = FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask,
+                                     thresh=opt.distill_thresh, weight=opt.distill_weight, warmup=opt.distill_warmup,
+                                     adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
+                                     anchor_t=hyp["anchor_t"] if opt.distill_assign else None,
+                                     normalize=None if opt.distill_norm == "none" else opt.distill_norm).to(device)
+        if ckpt is not None and opt.resume and ckpt.get("adapters"):
+            imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
+            LOGGER.info("resumed the distillation adapters from the checkpoint")
+
+    # Optimiser: three groups; weight decay scaled to the nominal batch size
+    nbs = opt.nbs  # nominal batch size: gradients are accumulated up to it
+    accumulate = max(round(nbs / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
+                                extra_modules=[imitation] if imitation is not None else [])
+    if opt.cos_lr:  # one-cycle cosine from 1 to lrf
+        lf = lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (hyp["lrf"] - 1) + 1  # noqa: E731
+    else:
+        lf = lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    ema = ModelEMA(model) if main_process else None
+
+    start_epoch, best_fitness = 0, 0.0
+    if ckpt is not None and opt.resume:
+        if ckpt.get("optimizer") is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        best_fitness = ckpt.get("best_fitness") or 0.0
+        if ema and ckpt.get("ema"):
+            ema.ema.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
+            ema.updates = int(ckpt.get("updates", 0))
+        start_epoch = int(ckpt["epoch"]) + 1
+        if start_epoch >= epochs:
+            raise ValueError(f"{weights} already finished {epochs} epochs; nothing to resume")
+        LOGGER.info(f"Resuming training from {weights} at epoch {start_epoch} of {epochs}")
+    del ckpt
+
+    if opt.sync_bn and RANK != -1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+        LOGGER.info("using SyncBatchNorm()")
+
+    # Data
+    train_loader, dataset = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls,
+                                              hyp=hyp, augment=True, cache=opt.cache, rect=opt.rect, rank=LOCAL_RANK,
+                                              workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
+                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc)
+    labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
+    if len(labels) and int(labels[:, 0].max()) >= nc:
+        raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
+    nb = len(train_loader)
+    val_loader = None
+    if main_process:
+        val_loader = create_dataloader(val_path, imgsz, max(batch_size // WORLD_SIZE * 2, 1), gs, single_cls,
+                                       hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
+                                       workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=nc)[0]
+        if not opt.resume:
+            if not opt.noautoanchor:
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+            if plots:
+                plot_labels(labels, names, save_dir)
+        model.half().float()  # pre-reduce anchor precision, as the saved fp16 checkpoints will hold them
+
+    # Loss gains scale with the number of levels, classes and image size
+    nl = model.model[-1].nl
+    hyp = scale_loss_gains(hyp, nl=nl, nc=nc, imgsz=imgsz)
+    hyp["label_smoothing"] = opt.label_smoothing
+    model.nc, model.hyp, model.names = nc, hyp, names
+    compute_loss = ComputeLoss(model)
+
+    step_module = StudentWithImitation(model, imitation, opt.distill_target)
+    if RANK != -1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[LOCAL_RANK] if cuda else None,
+                                                          output_device=LOCAL_RANK if cuda else None)
+
+    # Logging
+    tb = None
+    if main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(save_dir))
+        if not (save_dir / "results.csv").exists():
+            with open(save_dir / "results.csv", "w", newline="") as f:
+                csv.writer(f).writerow(CSV_KEYS)
+
+    nw = max(round(hyp["warmup_epochs"] * nb), 100)  # warm-up iterations
+    last_opt_step = -1
+    maps = np.zeros(nc)
+    results = (0, 0, 0, 0, 0, 0, 0)  # P, R, mAP50, mAP50-95, val box, obj, cls
+    scheduler.last_epoch = start_epoch - 1
+    amp = cuda
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    nonfinite = 0
+    params = [p for p in step_module.parameters() if p.requires_grad]
+    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
+                f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs...")
+    t0 = time.time()
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        step_module.train()
+        if opt.close_mosaic and epoch == epochs - opt.close_mosaic and dataset.mosaic:
+            LOGGER.info("closing mosaic for the last epochs")
+            dataset.mosaic = False  # workers are not persistent: the next epoch's workers see the change
+        if RANK != -1:
+            train_loader.sampler.set_epoch(epoch)
+        mloss = torch.zeros(4, device=device)  # mean box, obj, cls, kd
+        kd_cover, kd_n = [], 0  # summed mask coverage (% of cells) per level, and batches counted
+        pbar = enumerate(train_loader)
+        LOGGER.info(("\n" + "%11s" * 8) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "kd_loss",
+                                           "Instances", "Size"))
+        if main_process:
+            pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
+        optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in pbar:
+            ni = i + nb * epoch  # iterations since the start of training
+            imgs = imgs.to(device, non_blocking=True).float() / 255
+            targets = targets.to(device)
+
+            # Warm-up: accumulate fewer batches, ramp bias LR down from warmup_bias_lr and the rest up from 0
+            if ni <= nw:
+                xi = [0, nw]
+                accumulate = max(1, int(np.interp(ni, xi, [1, nbs / batch_size]).round()))
+                for j, x in enumerate(optimizer.param_groups):
+                    # plain floats: numpy scalars would make the optimizer state unloadable with weights_only
+                    x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
+                                                       x["initial_lr"] * lf(epoch)]))
+                    if "momentum" in x:
+                        x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+
+            if opt.multi_scale:
+                sz = int(np.random.uniform(imgsz * 0.5, imgsz * 1.5 + gs)) // gs * gs
+                sf = sz / max(imgs.shape[2:])
+                if sf != 1:
+                    ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+                    imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+
+            with torch.autocast(device_type=device.type, enabled=amp):
+                t_feats = teacher_features(teacher, imgs, teacher_levels, opt.distill_target) if teacher else None
+                pred, kd_loss, kd_stats = step_module(imgs, targets, t_feats, ni)
+                loss, loss_items = compute_loss(pred, targets)
+                if kd_loss is not None:
+                    loss = loss + kd_loss.float() * imgs.shape[0]  # same batch-size convention as the detection loss
+                if RANK != -1:
+                    loss *= WORLD_SIZE  # DDP averages gradients across ranks
+
+            # Non-finite guard: skip the step (all ranks agree), stop after a few in a row
+            finite = torch.isfinite(loss).all().float()
+            if RANK != -1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                nonfinite += 1
+                LOGGER.warning(f"WARNING non-finite loss at epoch {epoch} batch {i} ({nonfinite} in a row): "
+                               f"step skipped")
+                optimizer.zero_grad()
+                if nonfinite >= MAX_NONFINITE:
+                    stop = True
+                    LOGGER.error(f"ERROR {nonfinite} non-finite losses in a row: stopping the run. Try a lower "
+                                 f"--hyp lr0, --distill-weight, or check the data.")
+                    break
+                continue
+            nonfinite = 0
+
+            scaler.scale(loss).backward()
+            if ni - last_opt_step >= accumulate:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                if ema:
+                    ema.update(model)
+                last_opt_step = ni
+
+            if main_process:
+                kd_item = kd_loss.detach().float().reshape(1) if kd_loss is not None else torch.zeros(1, device=device)
+                mloss = (mloss * i + torch.cat((loss_items, kd_item))) / (i + 1)
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if cuda else 0:.3g}G"
+                pbar.set_description(("%11s" * 2 + "%11.4g" * 6) % (f"{epoch}/{epochs - 1}", mem, *mloss,
+                                                                  targets.shape[0], imgs.shape[-1]))
+                if plots and ni < 3:
+                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names=names)
+                if plots and ni == 0 and imitation is not None:
+                    plot_distill_masks(imgs, targets, kd_stats.get("masks", []), model.stride.tolist(),
+                                       save_dir / "distill_masks.jpg")
+                if kd_stats.get("masks") and i % 10 == 0:  # coverage needs a device sync: sample every 10th batch
+                    cover = mask_coverage(kd_stats["masks"])
+                    kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
+                    kd_n += 1
+                    tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
+                    for s_, c_, l_ in zip(model.stride.tolist(), cover, kd_stats["per_level"].tolist()):
+                        tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", c_, ni)
+                        tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
+        if stop and nonfinite:
+            break
+
+        lr = [x["lr"] for x in optimizer.param_groups]
+        scheduler.step()
+        if main_process and kd_n:
+            LOGGER.info("distill: mask coverage " + ", ".join(
+                f"P{int(math.log2(s_))} {c_ / kd_n:.1f}%" for s_, c_ in zip(model.stride.tolist(), kd_cover)) +
+                f"; mean weighted imitation loss {mloss[3]:.4g} vs detection loss {mloss[:3].sum():.4g} (per image)")
+
+        if main_process:
+            ema.update_attr(model)
+            final_epoch = epoch + 1 == epochs or stopper.patience <= epoch - stopper.best_epoch + 1
+            if not opt.noval or final_epoch:
+                results, maps, _ = validate.run(data=data_dict, batch_size=max(batch_size // WORLD_SIZE * 2, 1),
+                                                imgsz=imgsz, half=amp, model=ema.ema, single_cls=single_cls,
+                                                dataloader=val_loader, save_dir=save_dir, plots=False,
+                                                compute_loss=compute_loss)
+            fi = float(fitness(np.array(results).reshape(1, -1))[0])
+            ema_finite = all(torch.isfinite(v).all() for v in ema.ema.state_dict().values()
+                             if v.dtype.is_floating_point)
+            if fi > best_fitness and ema_finite:
+                best_fitness = fi
+            stop = stopper(epoch=epoch, fitness_value=fi) or stop
+
+            row = [epoch, *mloss.tolist(), *results, *lr]
+            with open(save_dir / "results.csv", "a", newline="") as f:
+                csv.writer(f).writerow([f"{x:.6g}" if isinstance(x, float) else x for x in row])
+            for k, v in zip(CSV_KEYS[1:], row[1:]):
+                tb.add_scalar(k, float(v), epoch)
+
+            if not opt.nosave or final_epoch:
+                record = dict(model=de_parallel(model), ema=ema.ema, updates=ema.updates, optimizer=optimizer,
+                              epoch=epoch, best_fitness=best_fitness, opt=vars(opt), hyp=hyp,
+                              distill=distill_record(opt) if imitation is not None else None,
+                              adapters=imitation.state_dict() if imitation is not None else None)
+                save_checkpoint(last, **record)
+                if best_fitness == fi and ema_finite:
+                    save_checkpoint(best, **record)
+                if opt.save_period > 0 and epoch % opt.save_period == 0:
+                    save_checkpoint(w / f"epoch{epoch}.pt", **record)
+
+        if RANK != -1:  # every rank stops together
+            flag = torch.tensor([float(stop)], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            break
+
+    # Wrap up: drop optimiser state, validate best.pt once more with plots
+    if main_process:
+        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        for f in last, best:
+            if f.exists():
+                strip_optimizer(f)
+        if best.exists():
+            LOGGER.info(f"\nValidating {best}...")
+            best_model = load_model(best, device=device)
+            results, _, _ = validate.run(data=data_dict, batch_size=max(batch_size // WORLD_SIZE * 2, 1), imgsz=imgsz,
+                                         model=best_model, single_cls=single_cls, dataloader=val_loader,
+                                         save_dir=save_dir, plots=plots, verbose=True, compute_loss=None)
+        if plots and (save_dir / "results.csv").exists():
+            plot_results(save_dir / "results.csv")
+        if tb is not None:
+            tb.close()
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+    if nonfinite >= MAX_NONFINITE:
+        raise RuntimeError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
+                           f"no checkpoint was written from the diverged weights")
+    return results
+
+
+def distill_record(opt) -> dict:
+    """What a distilled checkpoint records about how it was distilled."""
+    return {"teacher": str(opt.teacher), "teacher_sha256": file_sha256(opt.teacher), "target": opt.distill_target,
+            "mask": opt.distill_mask, "thresh": opt.distill_thresh, "weight": opt.distill_weight,
+            "warmup": opt.distill_warmup, "adapter": opt.distill_adapter, "assign": bool(opt.distill_assign),
+            "normalize": opt.distill_norm}
+
+
+def parse_opt(known: bool = False, argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=str, default="", help="initial weights path or official name (yolov5s.pt)")
+    parser.add_argument("--cfg", type=str, default="", help="model.yaml (default yolov5s.yaml without --weights)")
+    parser.add_argument("--data", type=str, default="shapes.yaml", help="dataset.yaml path")
+    parser.add_argument("--hyp", type=str, default="hyp.scratch-low.yaml", help="hyperparameters path")
+    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs/ranks")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    parser.add_argument("--rect", action="store_true", help="rectangular training")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
+    parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    parser.add_argument("--noval", action="store_true", help="only validate final epoch")
+    parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    parser.add_argument("--noplots", action="store_true", help="save no plot files")
+    parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
+    parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    parser.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--quad", action="store_true", help="quad dataloader")
+    parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
+    parser.add_argument("--close-mosaic", type=int, default=0, help="turn mosaic off for the last N epochs")
+    parser.add_argument("--seed", type=int, default=0, help="global training seed")
+    parser.add_argument("--nbs", type=int, default=64, help="nominal batch size: gradients accumulate up to it "
+                                                            "(upstream's constant 64; smaller = more steps per epoch)")
+    # Fine-grained Feature Imitation (Wang et al., CVPR 2019)
+    kd = parser.add_argument_group("distillation")
+    kd.add_argument("--teacher", type=str, default="", help="frozen teacher weights (project or official .pt); "
+                                                            "empty = plain training")
+    kd.add_argument("--distill-target", choices=["neck", "head"], default="neck",
+                    help="imitate the feature maps Detect consumes (neck) or the raw Detect maps (head)")
+    kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
+                    help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
+    kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
+    kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
+    kd.add_argument("--distill-warmup", type=int, default=400, help="iterations without imitation at the start")
+    kd.add_argument("--distill-adapter", choices=["3x3", "1x1"], default="3x3", help="student->teacher adapter")
+    kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
+                    help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
+    kd.add_argument("--distill-norm", choices=["none", "channel"], default="none",
+                    help="divide each level's imitation term by its channel count")
+    return parser.parse_known_args(argv)[0] if known else parser.parse_args(argv)
+
+
+def resolve_resume(opt):
+    """--resume (latest run) or --resume path/to/last.pt: restore the original arguments and run folder."""
+    last = opt.resume if isinstance(opt.resume, str) else None
+    if last is None:
+        found = glob.glob(str(Path(opt.project) / "**" / "last.pt"), recursive=True)
+        if not found:
+            raise FileNotFoundError(f"--resume: no previous run with a last.pt under {opt.project}")
+        last = max(found, key=os.path.getctime)
+    last = Path(last)
+    if not last.is_file():
+        raise FileNotFoundError(f"--resume {last}: file not found")
+    ckpt = load_checkpoint(last)
+    if not ckpt.get("opt"):
+        raise ValueError(f"--resume {last}: the checkpoint holds no training arguments (not a training run's last.pt)")
+    if ckpt.get("optimizer") is None:
+        raise ValueError(f"--resume {last}: the optimiser state was stripped (training finished); nothing to resume")
+    keep = {"device": opt.device, "workers": opt.workers}
+    opt = argparse.Namespace(**{**vars(parse_opt(True, [])), **ckpt["opt"]})
+    opt.device, opt.workers = keep["device"], keep["workers"]
+    opt.weights, opt.resume, opt.cfg = str(last), True, ""
+    opt.save_dir = str(last.parent.parent)
+    return opt
+
+
+def main(opt):
+    if opt.resume:
+        opt = resolve_resume(opt)
+        hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else yaml_load(find_file(opt.hyp))
+    else:
+        if not opt.cfg and not opt.weights:
+            opt.cfg = "yolov5s.yaml"
+        if opt.cfg:
+            opt.cfg = str(find_file(opt.cfg))
+        opt.data = str(opt.data) if isinstance(opt.data, dict) else str(find_file(opt.data))
+        hyp = yaml_load(find_file(opt.hyp)) if not isinstance(opt.hyp, dict) else dict(opt.hyp)
+        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+    opt.hyp = hyp.copy()  # record the unscaled hyp with the run's arguments
+    if opt.teacher and opt.distill_target == "head" and opt.distill_adapter not in ("3x3", "1x1"):
+        raise ValueError(f"unknown --distill-adapter {opt.distill_adapter}")
+
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if LOCAL_RANK != -1:
+        if opt.batch_size < WORLD_SIZE or opt.batch_size % WORLD_SIZE:
+            raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of the {WORLD_SIZE} ranks")
+        if opt.image_weights:
+            raise ValueError("--image-weights is not compatible with DDP training")
+        if torch.cuda.is_available() and opt.device != "cpu":
+            torch.cuda.set_device(LOCAL_RANK)
+            device = torch.device("cuda", LOCAL_RANK)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    try:
+        opt.results = train(hyp.copy(), opt, device)  # (P, R, mAP50, mAP50-95, val losses) of the final weights
+        return opt
+    finally:
+        if WORLD_SIZE > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(**kwargs):
+    """Programmatic entry: run(data='shapes.yaml', cfg='yolov5n.yaml', epochs=3, imgsz=128, teacher='...')."""
+    opt = parse_opt(True, [])
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    return main(opt)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_opt())
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: one clear line, no traceback
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(1)
