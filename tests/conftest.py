@@ -6,6 +6,10 @@ import pytest
 import yaml
 
 os.environ.setdefault("NO_COLOR", "1")
+if os.getenv("PYTEST_XDIST_WORKER"):  # pytest -n 2 on 2 cores: one torch thread per worker, no oversubscription
+    import torch
+
+    torch.set_num_threads(1)
 
 NAMES = ["circle", "ellipse", "square", "rectangle", "hexagon", "star"]
 

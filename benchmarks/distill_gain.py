@@ -1,0 +1,139 @@
+"""Distillation gain on the embedded shapes set: teacher vs baseline student vs distilled student.
+
+Every student run uses the same data, epochs, seed list and hyperparameters; a distilled run differs
+from its baseline twin by the imitation term only. Reports mAP50 and mAP50-95 per run, the mean and
+spread over seeds, and the share of the teacher-baseline mAP50-95 gap that distillation closes.
+Ablations (--ablations) vary one distillation setting at a time around the defaults.
+
+    python benchmarks/distill_gain.py                      # default settings, seeds 0 1
+    python benchmarks/distill_gain.py --ablations          # + mask kind, psi, target, lambda, assignment
+Results: runs/benchmarks/distill_gain/{results.csv,summary.md}. Runs already finished are reused.
+"""
+import argparse
+import csv
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import val as validate  # noqa: E402
+
+# One setting changed at a time; everything else stays at train_distill.py's defaults.
+ABLATIONS = {
+    "mask=gt": ["--distill-mask", "gt"],
+    "mask=full": ["--distill-mask", "full"],
+    "psi=0.3": ["--distill-thresh", "0.3"],
+    "psi=0.7": ["--distill-thresh", "0.7"],
+    "target=head": ["--distill-target", "head"],
+    "assign=on": ["--distill-assign"],
+    "lambda=x0.1": None,  # filled from --weight below
+    "lambda=x10": None,
+}
+
+
+def train(name, args, common, out):
+    """Train one configuration unless its best.pt exists; return (best.pt, seconds)."""
+    best = out / name / "weights" / "best.pt"
+    if best.is_file():
+        return best, 0.0
+    cmd = [sys.executable, str(ROOT / "train_distill.py"), *common, *args, "--project", str(out), "--name", name,
+           "--exist-ok", "--noplots"]
+    print(f"\n>>> {name}: {' '.join(cmd[2:])}", flush=True)
+    t = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
+    return best, time.time() - t
+
+
+def evaluate(weights, data, imgsz):
+    (p, r, map50, map5095, *_), _, _ = validate.run(data=data, weights=str(weights), imgsz=imgsz, batch_size=32,
+                                                    workers=2, plots=False, project=str(weights.parents[2] / "val"),
+                                                    name=weights.parents[1].name, exist_ok=True)
+    return map50, map5095
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="shapes.yaml")
+    ap.add_argument("--imgsz", type=int, default=128)
+    ap.add_argument("--teacher-cfg", default="yolov5s.yaml")
+    ap.add_argument("--student-cfg", default="yolov5n.yaml")
+    ap.add_argument("--teacher-epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=10, help="student epochs (baseline and distilled alike)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--nbs", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--ablations", action="store_true", help="also run the one-at-a-time ablations")
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds for ablations (default: all)")
+    ap.add_argument("--weight", type=float, default=None, help="lambda for the default run (else the trainer's)")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
+    ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/distill_gain"))
+    opt = ap.parse_args()
+
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--data", opt.data, "--imgsz", str(opt.imgsz), "--batch-size", str(opt.batch_size), "--nbs", str(opt.nbs),
+              "--workers", "2", "--noautoanchor", "--device", "cpu", *opt.extra]
+    # AutoAnchor off: teacher and students keep the same anchors, which head imitation requires
+    teacher, t_sec = train("teacher", ["--cfg", opt.teacher_cfg, "--epochs", str(opt.teacher_epochs), "--seed", "0"],
+                           common, out)
+    default_kd = ["--teacher", str(teacher)] + (["--distill-weight", str(opt.weight)] if opt.weight else [])
+    lam = opt.weight
+    if lam is None:
+        import train_distill
+        lam = train_distill.parse_opt(True, []).distill_weight
+    ablations = dict(ABLATIONS)
+    ablations["lambda=x0.1"] = ["--distill-weight", f"{lam * 0.1:g}"]
+    ablations["lambda=x10"] = ["--distill-weight", f"{lam * 10:g}"]
+
+    configs = {"baseline": [], "distilled": default_kd}
+    if opt.ablations:
+        configs.update({f"kd {k}": [*default_kd, *v] for k, v in ablations.items()})
+    abl_seeds = opt.ablation_seeds or opt.seeds
+
+    rows = [{"config": "teacher", "seed": 0, **dict(zip(("mAP50", "mAP50-95"), evaluate(teacher, opt.data, opt.imgsz))),
+             "train_s": round(t_sec)}]
+    for cfg_name, args in configs.items():
+        seeds = opt.seeds if cfg_name in ("baseline", "distilled") else abl_seeds
+        for seed in seeds:
+            run_name = f"{cfg_name.replace(' ', '_').replace('=', '-')}_s{seed}"
+            best, sec = train(run_name, ["--cfg", opt.student_cfg, "--epochs", str(opt.epochs), "--seed", str(seed),
+                                         *args], common, out)
+            m50, m = evaluate(best, opt.data, opt.imgsz)
+            rows.append({"config": cfg_name, "seed": seed, "mAP50": m50, "mAP50-95": m, "train_s": round(sec)})
+            print(f"{cfg_name:>16} seed {seed}: mAP50 {m50:.4f}  mAP50-95 {m:.4f}", flush=True)
+
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def stats(cfg, key):
+        v = [r[key] for r in rows if r["config"] == cfg]
+        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
+
+    t50, t = rows[0]["mAP50"], rows[0]["mAP50-95"]
+    base = stats("baseline", "mAP50-95")[0]
+    lines = [f"Shapes, imgsz {opt.imgsz}, teacher {opt.teacher_cfg} ({opt.teacher_epochs} epochs), students "
+             f"{opt.student_cfg} ({opt.epochs} epochs, seeds {opt.seeds}), batch {opt.batch_size}, nbs {opt.nbs}; "
+             f"machine: {platform.processor() or platform.machine()}, CPU only.", "",
+             "| run | n | mAP50 (mean ± sd) | mAP50-95 (mean ± sd) | gap closed |", "|---|---|---|---|---|",
+             f"| teacher | 1 | {t50:.4f} | {t:.4f} | |"]
+    for cfg in dict.fromkeys(r["config"] for r in rows[1:]):
+        m50, s50, n = stats(cfg, "mAP50")
+        m, s, _ = stats(cfg, "mAP50-95")
+        closed = "" if cfg == "baseline" or t == base else f"{100 * (m - base) / (t - base):+.0f}%"
+        lines.append(f"| {cfg} | {n} | {m50:.4f} ± {s50:.4f} | {m:.4f} ± {s:.4f} | {closed} |")
+    summary = "\n".join(lines)
+    (out / "summary.md").write_text(summary + "\n")
+    print("\n" + summary)
+
+
+if __name__ == "__main__":
+    main()
