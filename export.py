@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.files import ROOT
 from utils.logging import LOGGER, colorstr
 from utils.torch_utils import select_device
 

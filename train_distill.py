@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from copy import deepcopy
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import val as validate
-from models.checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint, strip_optimizer, \
+from models.checkpoint import load_checkpoint, load_model, save_checkpoint, strip_optimizer, \
     transfer_weights
 from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors

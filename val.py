@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.boxes import clip_boxes, non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.files import ROOT, increment_path
 from utils.logging import LOGGER, colorstr
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, ap_per_class, match_predictions

@@ -40,3 +40,23 @@ def tiny_cfg(tmp_path_factory) -> Path:
     f = tmp_path_factory.mktemp("cfg") / "yolov5-tiny.yaml"
     f.write_text(yaml.safe_dump(tiny_cfg_dict()))
     return f
+
+
+def killed_after_first_epoch(monkeypatch, train_call):
+    """Run train_call() with validation raising KeyboardInterrupt on its 2nd call: the run dies during
+    epoch 1, after epoch 0's last.pt was written, like a run killed mid-training."""
+    import val as validate
+
+    calls = {"n": 0}
+    real_val = validate.run
+
+    def val_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_val(*a, **k)
+
+    monkeypatch.setattr(validate, "run", val_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_call()
+    monkeypatch.setattr(validate, "run", real_val)

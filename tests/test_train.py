@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_distill
-import val as validate
+from tests.conftest import killed_after_first_epoch
 from models.checkpoint import load_model
 from utils.files import ROOT
 
@@ -44,19 +44,7 @@ def test_two_epochs_write_every_artefact(tiny_data, tiny_cfg, tmp_path):
 
 
 def test_resume_continues_the_same_run(tiny_data, tiny_cfg, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_val = validate.run
-
-    def val_then_die(*a, **k):  # the run is "killed" during epoch 1's validation, after epoch 0 was saved
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_val(*a, **k)
-
-    monkeypatch.setattr(validate, "run", val_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=3)
-    monkeypatch.setattr(validate, "run", real_val)
+    killed_after_first_epoch(monkeypatch, lambda: tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=3))
     run_dir = tmp_path / "runs" / "exp"
     last = run_dir / "weights/last.pt"
     ckpt = torch.load(last, weights_only=True)

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import train_distill
-import val as validate
 from models.checkpoint import save_checkpoint
 from models.yolo import DetectionModel
-from tests.conftest import tiny_cfg_dict
+from tests.conftest import killed_after_first_epoch, tiny_cfg_dict
 from utils.distill import FeatureImitation
 
 
@@ -97,19 +96,7 @@ def test_stride_and_image_size_mismatch_errors(tiny_data, tiny_cfg, tmp_path):
 
 def test_resume_of_a_distilling_run_keeps_the_adapters(tiny_data, tiny_cfg, tmp_path, monkeypatch):
     teacher = make_teacher(tmp_path / "teacher.pt")
-    calls = {"n": 0}
-    real_val = validate.run
-
-    def val_then_die(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_val(*a, **k)
-
-    monkeypatch.setattr(validate, "run", val_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2)
-    monkeypatch.setattr(validate, "run", real_val)
+    killed_after_first_epoch(monkeypatch, lambda: kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2))
     last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
     saved = torch.load(last, weights_only=True)["adapters"]
     assert saved, "an unfinished distilling run keeps its adapters in last.pt"

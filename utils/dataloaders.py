@@ -499,7 +499,7 @@ class LoadImagesAndLabels(Dataset):
                     self.ims[i], self.hw0[i], self.hw[i] = x
                     nbytes += x[0].nbytes
         LOGGER.info(f"{self.prefix}Cached {len(self)} images ({mode}" +
-                    (f", {nbytes / 1e9:.2f} GB)" if mode == "ram" else f", .npy beside the images)"))
+                    (f", {nbytes / 1e9:.2f} GB)" if mode == "ram" else ", .npy beside the images)"))
 
     def _ram_fits(self, margin=0.3):
         """Estimate the RAM cache size from a few images; skip caching (with a warning) when it won't fit."""
