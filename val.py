@@ -347,11 +347,22 @@ def check_weights(weights, data, split, single_cls, imgsz):
     return out
 
 
+def short_labels(weights):
+    """Shortest path tails that tell the files apart: runs/a/weights/best.pt, runs/b/weights/best.pt ->
+    a/weights/best.pt, b/weights/best.pt (file names alone when they already differ)."""
+    parts = [Path(w).parts for w in weights]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        labels = [str(Path(*p[-n:])) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(w) for w in weights]
+
+
 def comparison_rows(weights, summaries, results, imgsz):
     """One dict per weights file; d* columns are the difference from the first row."""
     rows = []
-    for w, (params, gflops), (metrics, _, t) in zip(weights, summaries, results):
-        rows.append({"weights": Path(w).name, "params": params, f"GFLOPs@{imgsz}": gflops, "P": metrics[0],
+    for w, (params, gflops), (metrics, _, t) in zip(short_labels(weights), summaries, results):
+        rows.append({"weights": w, "params": params, f"GFLOPs@{imgsz}": gflops, "P": metrics[0],
                      "R": metrics[1], "mAP50": metrics[2], "mAP50-95": metrics[3], "ms/img": sum(t)})
     keys = ["P", "R", "mAP50", "mAP50-95", "ms/img"]
     for r in rows:

@@ -302,3 +302,11 @@ def test_coco_ids():
     to_id = val.image_id_fn(["a/000123.jpg", "b/7.png"])
     assert to_id("a/000123.jpg") == 123  # numeric stems -> int, as COCO ids
     assert val.image_id_fn(["x/000123.jpg", "x/cat.jpg"])("x/000123.jpg") == "000123"  # mixed -> all str
+
+
+def test_comparison_labels_tell_same_named_files_apart():
+    from val import short_labels
+
+    assert short_labels(["runs/t/weights/best.pt", "runs/b/weights/best.pt"]) == ["t/weights/best.pt",
+                                                                                  "b/weights/best.pt"]
+    assert short_labels(["x/teacher.pt", "y/student.pt"]) == ["teacher.pt", "student.pt"]
