@@ -6,10 +6,19 @@ import pytest
 import yaml
 
 os.environ.setdefault("NO_COLOR", "1")
-if os.getenv("PYTEST_XDIST_WORKER"):  # pytest -n 2 on 2 cores: one torch thread per worker, no oversubscription
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op torch thread per test process: with pytest -n 2 on 2 cores, or beside other jobs, two
+    spinning OpenMP threads per process oversubscribe the CPU and run 10-100x slower."""
     import torch
 
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 NAMES = ["circle", "ellipse", "square", "rectangle", "hexagon", "star"]
 

@@ -85,14 +85,6 @@ def log_lines():
         LOGGER.removeHandler(h)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two spinning OpenMP threads run 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):

@@ -43,14 +43,6 @@ def ort_out(f, x):
     return ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two spinning OpenMP threads run 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def weights(tmp_path):

@@ -24,16 +24,6 @@ NAMES = ["circle", "ellipse", "square", "rectangle", "hexagon", "star"]
 IMGSZ, BS = 128, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared, oversubscribed 2-core machine two intra-op threads spin against each other and run
-    these tiny models ~10x slower than one thread; the numbers under test do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """24 generated val images plus one blank image without a label file; -> (yaml path, data dict)."""
