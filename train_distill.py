@@ -524,7 +524,8 @@ def parse_opt(known: bool = False, argv=None):
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
     kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
-    kd.add_argument("--distill-warmup", type=int, default=400, help="iterations without imitation at the start")
+    kd.add_argument("--distill-warmup", type=int, default=100,
+                    help="iterations without imitation at the start (the trainer's minimum LR warm-up)")
     kd.add_argument("--distill-adapter", choices=["3x3", "1x1"], default="3x3", help="student->teacher adapter")
     kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")

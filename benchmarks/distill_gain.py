@@ -7,15 +7,18 @@ Ablations (--ablations) vary one distillation setting at a time around the defau
 
     python benchmarks/distill_gain.py                      # default settings, seeds 0 1
     python benchmarks/distill_gain.py --ablations          # + mask kind, psi, target, lambda, assignment
+    python benchmarks/distill_gain.py --jobs 2             # two student runs at a time, one thread each
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md}. Runs already finished are reused.
 """
 import argparse
 import csv
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +39,11 @@ ABLATIONS = {
 }
 
 
-def train(name, args, common, out):
-    """Train one configuration unless its best.pt exists; return (best.pt, seconds)."""
+def train(name, args, common, out, threads=None):
+    """Train one configuration unless its best.pt exists; return (best.pt, seconds).
+
+    threads: torch/OpenMP threads of the child (for runs side by side); None keeps the environment's.
+    """
     best = out / name / "weights" / "best.pt"
     if best.is_file():
         return best, 0.0
@@ -45,7 +51,8 @@ def train(name, args, common, out):
            "--exist-ok", "--noplots"]
     print(f"\n>>> {name}: {' '.join(cmd[2:])}", flush=True)
     t = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
     return best, time.time() - t
@@ -64,14 +71,17 @@ def main():
     ap.add_argument("--imgsz", type=int, default=128)
     ap.add_argument("--teacher-cfg", default="yolov5s.yaml")
     ap.add_argument("--student-cfg", default="yolov5n.yaml")
-    ap.add_argument("--teacher-epochs", type=int, default=30)
+    ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--epochs", type=int, default=10, help="student epochs (baseline and distilled alike)")
+    ap.add_argument("--optimizer", default="Adam", help="every run's optimiser (as demo.sh)")
+    ap.add_argument("--hyp", default="hyp.shapes.yaml", help="every run's hyperparameters (as demo.sh)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--nbs", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--ablations", action="store_true", help="also run the one-at-a-time ablations")
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds for ablations (default: all)")
     ap.add_argument("--weight", type=float, default=None, help="lambda for the default run (else the trainer's)")
+    ap.add_argument("--jobs", type=int, default=1, help="student runs trained side by side (threads split evenly)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
     ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/distill_gain"))
     opt = ap.parse_args()
@@ -79,7 +89,7 @@ def main():
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     common = ["--data", opt.data, "--imgsz", str(opt.imgsz), "--batch-size", str(opt.batch_size), "--nbs", str(opt.nbs),
-              "--workers", "2", "--noautoanchor", "--device", "cpu", *opt.extra]
+              "--optimizer", opt.optimizer, "--hyp", opt.hyp, "--workers", "2", "--noautoanchor", "--device", "cpu", *opt.extra]
     # AutoAnchor off: teacher and students keep the same anchors, which head imitation requires
     teacher, t_sec = train("teacher", ["--cfg", opt.teacher_cfg, "--epochs", str(opt.teacher_epochs), "--seed", "0"],
                            common, out)
@@ -97,17 +107,21 @@ def main():
         configs.update({f"kd {k}": [*default_kd, *v] for k, v in ablations.items()})
     abl_seeds = opt.ablation_seeds or opt.seeds
 
+    runs = []  # (config, seed, run name, train_distill.py flags)
+    for cfg_name, args in configs.items():
+        for seed in opt.seeds if cfg_name in ("baseline", "distilled") else abl_seeds:
+            runs.append((cfg_name, seed, f"{cfg_name.replace(' ', '_').replace('=', '-')}_s{seed}",
+                         ["--cfg", opt.student_cfg, "--epochs", str(opt.epochs), "--seed", str(seed), *args]))
+    threads = max(1, (os.cpu_count() or 1) // opt.jobs) if opt.jobs > 1 else None
+    with ThreadPoolExecutor(opt.jobs) as pool:  # threads only wait on child processes
+        trained = list(pool.map(lambda r: train(r[2], r[3], common, out, threads), runs))
+
     rows = [{"config": "teacher", "seed": 0, **dict(zip(("mAP50", "mAP50-95"), evaluate(teacher, opt.data, opt.imgsz))),
              "train_s": round(t_sec)}]
-    for cfg_name, args in configs.items():
-        seeds = opt.seeds if cfg_name in ("baseline", "distilled") else abl_seeds
-        for seed in seeds:
-            run_name = f"{cfg_name.replace(' ', '_').replace('=', '-')}_s{seed}"
-            best, sec = train(run_name, ["--cfg", opt.student_cfg, "--epochs", str(opt.epochs), "--seed", str(seed),
-                                         *args], common, out)
-            m50, m = evaluate(best, opt.data, opt.imgsz)
-            rows.append({"config": cfg_name, "seed": seed, "mAP50": m50, "mAP50-95": m, "train_s": round(sec)})
-            print(f"{cfg_name:>16} seed {seed}: mAP50 {m50:.4f}  mAP50-95 {m:.4f}", flush=True)
+    for (cfg_name, seed, _, _), (best, sec) in zip(runs, trained):
+        m50, m = evaluate(best, opt.data, opt.imgsz)
+        rows.append({"config": cfg_name, "seed": seed, "mAP50": m50, "mAP50-95": m, "train_s": round(sec)})
+        print(f"{cfg_name:>16} seed {seed}: mAP50 {m50:.4f}  mAP50-95 {m:.4f}", flush=True)
 
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -121,7 +135,8 @@ def main():
     t50, t = rows[0]["mAP50"], rows[0]["mAP50-95"]
     base = stats("baseline", "mAP50-95")[0]
     lines = [f"Shapes, imgsz {opt.imgsz}, teacher {opt.teacher_cfg} ({opt.teacher_epochs} epochs), students "
-             f"{opt.student_cfg} ({opt.epochs} epochs, seeds {opt.seeds}), batch {opt.batch_size}, nbs {opt.nbs}; "
+             f"{opt.student_cfg} ({opt.epochs} epochs, seeds {opt.seeds}), batch {opt.batch_size}, nbs {opt.nbs}, "
+             f"{opt.optimizer}, {opt.hyp}, extra flags: {' '.join(opt.extra) or 'none'}; {opt.jobs} run(s) at a time; "
              f"machine: {platform.processor() or platform.machine()}, CPU only.", "",
              "| run | n | mAP50 (mean ± sd) | mAP50-95 (mean ± sd) | gap closed |", "|---|---|---|---|---|",
              f"| teacher | 1 | {t50:.4f} | {t:.4f} | |"]

@@ -1,10 +1,12 @@
-"""Does the training loader keep up with training? Images/s of the mosaic loader vs a yolov5n train step.
+"""Does the training loader keep up with training? Images/s of the mosaic loader vs model train steps.
 
 For each image size: the training loader (augment=True, mosaic on, hyp.scratch-low) on the shapes set
-with 0/1/2/... workers, and forward + backward of yolov5n with ComputeLoss on batches of that size.
+with 0/1/2/... workers, and forward + backward + optimiser step with ComputeLoss of each --models
+model (yolov5n and yolov5s by default) on batches of that size: the training throughput of this machine.
 The loader bottlenecks training where its images/s is below the train step's.
 
     python benchmarks/loader_speed.py --imgsz 320 640 --workers 0 1 2 --batches 8 --steps 2
+    python benchmarks/loader_speed.py --imgsz 320 --workers 2 --models yolov5n.yaml yolov5s.yaml --steps 4
 """
 import argparse
 import os
@@ -16,9 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.yolo import DetectionModel  # noqa: E402
 from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
 from utils.files import find_file, yaml_load  # noqa: E402
 from utils.logging import LOGGER  # noqa: E402
+from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 
 
 def loader_rate(path, imgsz, batch, workers, batches, nc):
@@ -40,24 +44,19 @@ def loader_rate(path, imgsz, batch, workers, batches, nc):
     return n / (time.perf_counter() - t1), t1 - t0
 
 
-def train_step_rate(imgsz, batch, steps, nc, device):
-    """Images/s of forward + backward + SGD step of yolov5n on uint8 batches (as the loader gives them)."""
-    from models.yolo import DetectionModel
-    try:
-        from utils.loss import ComputeLoss, scale_loss_gains
-    except ImportError:  # fallback only if the loss never appears
-        ComputeLoss = None
-    model = DetectionModel("yolov5n.yaml", nc=nc).to(device).train()
+def train_step_rate(cfg, imgsz, batch, steps, nc, device):
+    """Images/s of forward + backward + SGD step of the model on uint8 batches (as the loader gives them)."""
+    model = DetectionModel(cfg, nc=nc).to(device).train()
     hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
-    model.hyp = scale_loss_gains(hyp, model.model[-1].nl, nc, imgsz) if ComputeLoss else hyp
-    loss_fn = ComputeLoss(model) if ComputeLoss else None
+    model.hyp = scale_loss_gains(hyp, model.model[-1].nl, nc, imgsz)
+    loss_fn = ComputeLoss(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     ims = torch.randint(0, 255, (batch, 3, imgsz, imgsz), dtype=torch.uint8)
     targets = torch.cat([torch.tensor([[i, i % nc, 0.5, 0.5, 0.2, 0.3]]) for i in range(batch)])
 
     def step():
         p = model(ims.to(device).float() / 255)
-        loss = loss_fn(p, targets.to(device))[0] if loss_fn else sum(x.sum() for x in p)
+        loss = loss_fn(p, targets.to(device))[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -70,7 +69,7 @@ def train_step_rate(imgsz, batch, steps, nc, device):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t), loss_fn is not None
+    return steps * batch / (time.perf_counter() - t)
 
 
 def main(argv=None):
@@ -81,6 +80,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=8, help="timed loader batches per setting")
     p.add_argument("--steps", type=int, default=2, help="timed train steps per image size")
+    p.add_argument("--models", nargs="+", default=["yolov5n.yaml", "yolov5s.yaml"], help="model yamls to time")
     p.add_argument("--device", default="cpu")
     opt = p.parse_args(argv)
 
@@ -93,9 +93,9 @@ def main(argv=None):
         for w in opt.workers:
             rate, start = loader_rate(data["train"], imgsz, opt.batch, w, opt.batches, data["nc"])
             rows.append((imgsz, f"loader, {w} workers", rate, f"first batch {start:.2f}s"))
-        rate, with_loss = train_step_rate(imgsz, opt.batch, opt.steps, data["nc"], device)
-        rows.append((imgsz, f"yolov5n train step ({opt.device})", rate,
-                     "fwd+bwd+SGD, ComputeLoss" if with_loss else "fwd+bwd+SGD, sum of outputs (no ComputeLoss)"))
+        for cfg in opt.models:
+            rate = train_step_rate(cfg, imgsz, opt.batch, opt.steps, data["nc"], device)
+            rows.append((imgsz, f"{Path(cfg).stem} train step ({opt.device})", rate, "fwd+bwd+SGD, ComputeLoss"))
 
     LOGGER.info(f"\nLoader vs training throughput on {data['yaml_file']} train, batch {opt.batch} ({machine}; "
                 f"torch threads {torch.get_num_threads()})")

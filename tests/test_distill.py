@@ -341,3 +341,28 @@ def test_feature_imitation_on_detection_models():
     assert torch.isfinite(loss) and loss.item() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("kind", ["3x3", "1x1"])
+def test_adapter_at_masked_cells_equals_full_conv(kind):
+    """imitation_loss evaluates the adapter only under the mask; value and gradients must equal the
+    whole-map conv followed by masking (cells at the border included, where the 3x3 patch is padded)."""
+    from utils.distill import adapt_at, build_adapters, imitation_loss
+    g = torch.Generator().manual_seed(0)
+    ad = build_adapters([8], [16], kind)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    s = torch.randn(2, 8, 5, 7, generator=g, requires_grad=True)
+    t = torch.randn(2, 16, 5, 7, generator=g)
+    m = torch.rand(2, 5, 7, generator=g) < 0.3
+    m[0, 0, 0] = m[1, 4, 6] = True  # corners
+    full = ad[0](s)
+    b, y, x = m.nonzero(as_tuple=True)
+    assert torch.allclose(adapt_at(ad[0], s, b, y, x), full[b, :, y, x], atol=1e-5)
+    ref = torch.where(m, (full - t).pow(2).sum(1), 0.0).sum() / (2 * m.sum())
+    loss, _ = imitation_loss([s], [t], [m], ad)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    params = [s, *ad.parameters()]
+    for a, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        assert torch.allclose(a, r, atol=1e-5)

@@ -1,0 +1,81 @@
+"""Learning curve on the embedded shapes set: mAP after each epoch for one or more models.
+
+Trains each --cfg with the same data, schedule and seed through train_distill.py (plain training, no
+teacher) and tabulates the per-epoch mAP50 and mAP50-95 that training's own validation wrote to
+results.csv, with the wall time of each run. Extra train_distill.py flags go after --extra.
+
+    python benchmarks/learning_curve.py --cfg yolov5n.yaml yolov5s.yaml --epochs 20 \\
+        --extra --optimizer Adam --hyp hyp.shapes.yaml
+Results: runs/benchmarks/learning_curve/curve.md. Finished runs are reused (delete them to retrain).
+"""
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_curve(results_csv):
+    """[(epoch, mAP50, mAP50-95)] from a run's results.csv (column names as the trainer writes them)."""
+    with open(results_csv, newline="") as f:
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    return [(int(r["epoch"]), float(r["metrics/mAP_0.5"]), float(r["metrics/mAP_0.5:0.95"])) for r in rows]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", nargs="+", default=["yolov5n.yaml", "yolov5s.yaml"])
+    ap.add_argument("--data", default="shapes.yaml")
+    ap.add_argument("--imgsz", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--nbs", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
+    ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/learning_curve"))
+    opt = ap.parse_args(argv)
+
+    out = Path(opt.out)
+    curves, seconds = {}, {}
+    for cfg in opt.cfg:
+        name = Path(cfg).stem
+        results = out / name / "results.csv"
+        if not (out / name / "weights" / "best.pt").is_file():
+            cmd = [sys.executable, str(ROOT / "train_distill.py"), "--cfg", cfg, "--data", opt.data, "--imgsz",
+                   str(opt.imgsz), "--epochs", str(opt.epochs), "--batch-size", str(opt.batch_size), "--nbs",
+                   str(opt.nbs), "--seed", str(opt.seed), "--device", "cpu", "--workers", "2", "--noautoanchor",
+                   "--noplots", *opt.extra, "--project", str(out), "--name", name, "--exist-ok"]
+            print(f">>> {' '.join(cmd[1:])}", flush=True)
+            t = time.time()
+            r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cfg} failed:\n{r.stderr[-3000:]}")
+            seconds[name] = time.time() - t
+        curves[name] = read_curve(results)
+
+    names = list(curves)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only"
+    lines = [f"Shapes learning curve: imgsz {opt.imgsz}, batch {opt.batch_size}, nbs {opt.nbs}, seed {opt.seed}, "
+             f"extra flags: {' '.join(opt.extra) or 'none'}; {machine}.", "",
+             "| epoch | " + " | ".join(f"{n} mAP50 | {n} mAP50-95" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for e in range(max(len(c) for c in curves.values())):
+        cells = []
+        for n in names:
+            c = curves[n]
+            cells += [f"{c[e][1]:.3f}", f"{c[e][2]:.3f}"] if e < len(c) else ["", ""]
+        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    lines.append("| train time | " + " | ".join(
+        f"{seconds[n] / 60:.1f} min | " if n in seconds else "(reused) | " for n in names) + "|")
+    text = "\n".join(lines)
+    (out / "curve.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
