@@ -6,7 +6,7 @@ spread over seeds, and the share of the teacher-baseline mAP50-95 gap that disti
 Ablations (--ablations) vary one distillation setting at a time around the defaults.
 
     python benchmarks/distill_gain.py                      # default settings, seeds 0 1
-    python benchmarks/distill_gain.py --ablations          # + mask kind, psi, target, lambda, assignment
+    python benchmarks/distill_gain.py --ablations          # + mask kind, psi, target, assignment, adapter, lambda
     python benchmarks/distill_gain.py --jobs 2             # two student runs at a time, one thread each
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md}. Runs already finished are reused.
 """
@@ -34,6 +34,7 @@ ABLATIONS = {
     "psi=0.7": ["--distill-thresh", "0.7"],
     "target=head": ["--distill-target", "head"],
     "assign=on": ["--distill-assign"],
+    "adapter=1x1": ["--distill-adapter", "1x1"],
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x10": None,
 }

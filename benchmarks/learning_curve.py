@@ -6,6 +6,7 @@ results.csv, with the wall time of each run. Extra train_distill.py flags go aft
 
     python benchmarks/learning_curve.py --cfg yolov5n.yaml yolov5s.yaml --epochs 20 \\
         --extra --optimizer Adam --hyp hyp.shapes.yaml
+    python benchmarks/learning_curve.py --from-runs runs/demo/teacher runs/demo/baseline  # tabulate only
 Results: runs/benchmarks/learning_curve/curve.md. Finished runs are reused (delete them to retrain).
 """
 import argparse
@@ -36,13 +37,16 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--nbs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from-runs", nargs="+", default=None, help="tabulate these finished run folders, train nothing")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
     ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/learning_curve"))
     opt = ap.parse_args(argv)
 
     out = Path(opt.out)
     curves, seconds = {}, {}
-    for cfg in opt.cfg:
+    for run in opt.from_runs or []:
+        curves[Path(run).name] = read_curve(Path(run) / "results.csv")
+    for cfg in [] if opt.from_runs else opt.cfg:
         name = Path(cfg).stem
         results = out / name / "results.csv"
         if not (out / name / "weights" / "best.pt").is_file():
@@ -60,8 +64,10 @@ def main(argv=None):
 
     names = list(curves)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only"
-    lines = [f"Shapes learning curve: imgsz {opt.imgsz}, batch {opt.batch_size}, nbs {opt.nbs}, seed {opt.seed}, "
-             f"extra flags: {' '.join(opt.extra) or 'none'}; {machine}.", "",
+    what = (f"runs {' '.join(opt.from_runs)} (settings in each opt.yaml)" if opt.from_runs else
+            f"imgsz {opt.imgsz}, batch {opt.batch_size}, nbs {opt.nbs}, seed {opt.seed}, "
+            f"extra flags: {' '.join(opt.extra) or 'none'}")
+    lines = [f"Shapes learning curve: {what}; {machine}.", "",
              "| epoch | " + " | ".join(f"{n} mAP50 | {n} mAP50-95" for n in names) + " |",
              "|---|" + "---|---|" * len(names)]
     for e in range(max(len(c) for c in curves.values())):
@@ -71,8 +77,9 @@ def main(argv=None):
             cells += [f"{c[e][1]:.3f}", f"{c[e][2]:.3f}"] if e < len(c) else ["", ""]
         lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     lines.append("| train time | " + " | ".join(
-        f"{seconds[n] / 60:.1f} min | " if n in seconds else "(reused) | " for n in names) + "|")
+        f"{seconds[n] / 60:.1f} min | " if n in seconds else "(not timed) | " for n in names) + "|")
     text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "curve.md").write_text(text + "\n")
     print("\n" + text)
 

@@ -183,6 +183,32 @@ def test_agreement_with_pycocotools(shapes, tmp_path, log):
     assert any(line.startswith("pycocotools:") for line in log)
 
 
+def test_agreement_with_pycocotools_on_a_trained_model(tmp_path, log):
+    """A real yolov5n trained on shapes (fixture: demo.sh's baseline student, 10 epochs) on the full
+    200-image shapes val split that shapes.yaml generates: val.py's mAP50-95 and COCOeval's stats[0]
+    on val.py's own json agree within 0.01 (the issue's bound); the difference is printed.
+    Measured: 0.0710 vs 0.0797 (mAP50 0.124 vs 0.153). COCO is the higher one, as upstream also reports:
+    COCOeval matches detections greedily in score order, while val.py pairs by decreasing IoU, which
+    can leave a high-score duplicate unmatched (a false positive early on the PR curve); a weak model
+    with many overlapping boxes shows that most."""
+    pytest.importorskip("pycocotools")
+    root = tmp_path / "shapes"
+    subprocess.run([sys.executable, "-m", "data.shapes_generator", "--out", str(root), "--n-train", "0",
+                    "--n-val", "200"], cwd=ROOT, check=True, capture_output=True)  # shapes.yaml's defaults
+    yaml_file = tmp_path / "shapes.yaml"
+    yaml_save(yaml_file, {"path": str(root), "train": "images/val", "val": "images/val", "names": NAMES})
+    weights = Path(__file__).parent / "fixtures" / "shapes_yolov5n.pt"
+    kw = dict(data=str(yaml_file), weights=str(weights), imgsz=128, batch_size=32, workers=0, plots=False,
+              project=str(tmp_path), exist_ok=True)
+    (_, _, own50, own, *_), _, _ = val.run(name="own", **kw)
+    (_, _, coco50, coco, *_), _, _ = val.run(name="coco", save_json=True, **kw)
+    print(f"\ntrained yolov5n: mAP50-95 val.py {own:.4f} pycocotools {coco:.4f} (diff {own - coco:+.4f}); "
+          f"mAP50 {own50:.4f} vs {coco50:.4f} (diff {own50 - coco50:+.4f})")
+    assert own > 0.03  # the model has learned something: the comparison is not between two zeros
+    assert abs(own - coco) <= 0.01
+    assert any(line.startswith("pycocotools:") for line in log)
+
+
 def tiny_model(nc=len(NAMES), seed=0):
     torch.manual_seed(seed)
     cfg = yaml_load(find_file("yolov5n.yaml"))
