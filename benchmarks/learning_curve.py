@@ -13,12 +13,13 @@ import argparse
 import csv
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.distill_gain import train  # noqa: E402  (train one run unless its best.pt exists)
 
 
 def read_curve(results_csv):
@@ -48,19 +49,13 @@ def main(argv=None):
         curves[Path(run).name] = read_curve(Path(run) / "results.csv")
     for cfg in [] if opt.from_runs else opt.cfg:
         name = Path(cfg).stem
-        results = out / name / "results.csv"
-        if not (out / name / "weights" / "best.pt").is_file():
-            cmd = [sys.executable, str(ROOT / "train_distill.py"), "--cfg", cfg, "--data", opt.data, "--imgsz",
-                   str(opt.imgsz), "--epochs", str(opt.epochs), "--batch-size", str(opt.batch_size), "--nbs",
-                   str(opt.nbs), "--seed", str(opt.seed), "--device", "cpu", "--workers", "2", "--noautoanchor",
-                   "--noplots", *opt.extra, "--project", str(out), "--name", name, "--exist-ok"]
-            print(f">>> {' '.join(cmd[1:])}", flush=True)
-            t = time.time()
-            r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"{cfg} failed:\n{r.stderr[-3000:]}")
-            seconds[name] = time.time() - t
-        curves[name] = read_curve(results)
+        _, sec = train(name, ["--cfg", cfg, "--data", opt.data, "--imgsz", str(opt.imgsz), "--epochs",
+                              str(opt.epochs), "--batch-size", str(opt.batch_size), "--nbs", str(opt.nbs), "--seed",
+                              str(opt.seed), "--device", "cpu", "--workers", "2", "--noautoanchor", *opt.extra],
+                       [], out)
+        if sec:  # 0.0: an earlier run was reused
+            seconds[name] = sec
+        curves[name] = read_curve(out / name / "results.csv")
 
     names = list(curves)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only"

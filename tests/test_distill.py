@@ -267,13 +267,15 @@ def test_loss_gradients_reach_student_and_adapter_not_teacher():
     assert teacher.weight.grad is None
 
 
-def test_loss_zero_mask_is_zero_and_connected():
+@pytest.mark.parametrize("kind", ["1x1", "3x3"])
+def test_loss_zero_mask_is_zero_and_connected(kind):
     student, _, s, t = _student_teacher()
-    adapters = build_adapters([4], [6], "1x1")
+    adapters = build_adapters([4], [6], kind)
     loss, per_level = imitation_loss([s], [t], [torch.zeros(2, 8, 8, dtype=torch.bool)], adapters)
     assert loss.item() == 0.0 and torch.isfinite(per_level).all() and loss.requires_grad
     loss.backward()
-    assert student.weight.grad is not None and adapters[0].weight.grad is not None
+    conv = adapters[0] if kind == "1x1" else adapters[0][0]
+    assert student.weight.grad is not None and conv.weight.grad is not None
 
 
 def test_loss_float32_under_autocast():

@@ -425,9 +425,7 @@ def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None
                 a = adapt_at(adapt, s.float(), b, y, x)  # [N_p, C_t]
         if a.shape[1] != t.shape[1]:
             raise ValueError(f"adapted student has {a.shape[1]} channels, teacher {t.shape[1]}")
-        sq = (a - t[b, :, y, x]).pow(2).sum()
-        if b.numel() == 0:  # keep the zero connected to the student and the adapter
-            sq = sq + s.sum() * 0.0 + sum(p.sum() for p in adapt.parameters()) * 0.0
+        sq = (a - t[b, :, y, x]).pow(2).sum()  # no masked cell: an empty sum, 0 still connected to s and adapt
         term = sq / (2 * max(b.numel(), 1))
         terms.append(term / t.shape[1] if normalize == "channel" else term)
     loss = torch.stack(terms).sum()
