@@ -119,16 +119,38 @@ def load_teacher(opt, student: DetectionModel, device) -> tuple[nn.Module, list[
         raise ValueError(f"teacher {opt.teacher} has strides {t_strides}; the student needs {s_strides} "
                          f"(missing {missing}): pick a teacher with the student's levels")
     levels = [t_strides.index(s) for s in s_strides]
-    if opt.distill_target == "head":
-        same_anchors = all(torch.allclose(t_det.anchors[j] * t_strides[j], s_det.anchors[i] * s_strides[i])
-                           for i, j in enumerate(levels))
-        if t_det.nc != s_det.nc or not same_anchors:
-            raise ValueError(f"--distill-target head needs the teacher's nc and anchors to equal the student's "
-                             f"(teacher nc={t_det.nc}, student nc={s_det.nc}, anchors equal: {same_anchors}); "
-                             f"use --distill-target neck")
-    LOGGER.info(f"{colorstr('teacher:')} {opt.teacher}, imitating levels {levels} (strides {s_strides})")
+    same_anchors = all(t_det.anchors[j].shape == s_det.anchors[i].shape and
+                       torch.allclose(t_det.anchors[j] * t_strides[j], s_det.anchors[i].to(device) * s_strides[i])
+                       for i, j in enumerate(levels))
+    head_ok = t_det.nc == s_det.nc and same_anchors
+    if opt.distill_target == "auto":  # resolved once; the run's opt, opt.yaml and checkpoints keep the result
+        opt.distill_target = "head" if head_ok else "neck"
+        LOGGER.info(f"--distill-target auto: {opt.distill_target} (teacher nc={t_det.nc}, student nc={s_det.nc}, "
+                    f"anchors equal: {same_anchors})")
+    if opt.distill_target == "head" and not head_ok:
+        raise ValueError(f"--distill-target head needs the teacher's nc and anchors to equal the student's "
+                         f"(teacher nc={t_det.nc}, student nc={s_det.nc}, anchors equal: {same_anchors}); "
+                         f"use --distill-target neck")
+    LOGGER.info(f"{colorstr('teacher:')} {opt.teacher}, imitating levels {levels} (strides {s_strides}), "
+                f"target {opt.distill_target}")
     teacher.info(imgsz=opt.imgsz)
     return teacher, levels
+
+
+def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: list[int],
+                    anchor_t: float) -> FeatureImitation:
+    """The imitation term (adapters + settings) the --distill-* flags describe, for this student and teacher."""
+    s_det, t_det = student.model[-1], teacher.model[-1]
+    if opt.distill_target == "head":  # raw maps of equal shape: no adapter
+        student_ch = teacher_ch = [m.out_channels for m in s_det.m]
+    else:
+        student_ch = [m.in_channels for m in s_det.m]
+        teacher_ch = [t_det.m[j].in_channels for j in levels]
+    return FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask, thresh=opt.distill_thresh,
+                            weight=opt.distill_weight, warmup=opt.distill_warmup,
+                            adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
+                            anchor_t=anchor_t if opt.distill_assign else None,
+                            normalize=None if opt.distill_norm == "none" else opt.distill_norm)
 
 
 def head_as_image(p: torch.Tensor) -> torch.Tensor:
@@ -202,17 +224,7 @@ def train(hyp: dict, opt, device) -> tuple:
     if opt.teacher:
         teacher, teacher_levels = load_teacher(opt, model, device)
         check_image_size_vs_teacher(teacher, imgsz)
-        s_det, t_det = model.model[-1], teacher.model[-1]
-        if opt.distill_target == "head":  # raw maps of equal shape: no adapter
-            student_ch = teacher_ch = [m.out_channels for m in s_det.m]
-        else:
-            student_ch = [m.in_channels for m in s_det.m]
-            teacher_ch = [t_det.m[j].in_channels for j in teacher_levels]
-        imitation = FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask,
-                                     thresh=opt.distill_thresh, weight=opt.distill_weight, warmup=opt.distill_warmup,
-                                     adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
-                                     anchor_t=hyp["anchor_t"] if opt.distill_assign else None,
-                                     normalize=None if opt.distill_norm == "none" else opt.distill_norm).to(device)
+        imitation = build_imitation(opt, model, teacher, teacher_levels, hyp["anchor_t"]).to(device)
         if ckpt is not None and opt.resume and ckpt.get("adapters"):
             imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
             LOGGER.info("resumed the distillation adapters from the checkpoint")
@@ -263,7 +275,9 @@ def train(hyp: dict, opt, device) -> tuple:
                                        hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
                                        workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=nc)[0]
         if not opt.resume:
-            if not opt.noautoanchor:
+            if opt.teacher and opt.distill_target == "head" and not opt.noautoanchor:
+                LOGGER.info(f"{colorstr('AutoAnchor:')} skipped: head imitation needs the teacher's anchors")
+            elif not opt.noautoanchor:
                 check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
             if plots:
                 plot_labels(labels, names, save_dir)
@@ -518,8 +532,9 @@ def parse_opt(known: bool = False, argv=None):
     kd = parser.add_argument_group("distillation")
     kd.add_argument("--teacher", type=str, default="", help="frozen teacher weights (project or official .pt); "
                                                             "empty = plain training")
-    kd.add_argument("--distill-target", choices=["neck", "head"], default="neck",
-                    help="imitate the feature maps Detect consumes (neck) or the raw Detect maps (head)")
+    kd.add_argument("--distill-target", choices=["neck", "head", "auto"], default="neck",
+                    help="imitate the feature maps Detect consumes (neck), the raw Detect maps (head: equal nc "
+                         "and anchors), or head when the teacher allows it and neck otherwise (auto)")
     kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")

@@ -8,6 +8,7 @@ Ablations (--ablations) vary one distillation setting at a time around the defau
     python benchmarks/distill_gain.py                      # default settings, seeds 0 1
     python benchmarks/distill_gain.py --ablations          # + mask kind, psi, target, assignment, adapter, lambda
     python benchmarks/distill_gain.py --jobs 2             # two student runs at a time, one thread each
+    python benchmarks/distill_gain.py --ablation-names target=head warmup=0   # chosen ablations only
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md}. Runs already finished are reused.
 """
 import argparse
@@ -35,6 +36,7 @@ ABLATIONS = {
     "target=head": ["--distill-target", "head"],
     "assign=on": ["--distill-assign"],
     "adapter=1x1": ["--distill-adapter", "1x1"],
+    "warmup=0": ["--distill-warmup", "0"],
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x10": None,
 }
@@ -80,6 +82,8 @@ def main():
     ap.add_argument("--nbs", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--ablations", action="store_true", help="also run the one-at-a-time ablations")
+    ap.add_argument("--ablation-names", nargs="+", default=None, metavar="NAME",
+                    help=f"run only these ablations (default: all of {', '.join(ABLATIONS)})")
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds for ablations (default: all)")
     ap.add_argument("--weight", type=float, default=None, help="lambda for the default run (else the trainer's)")
     ap.add_argument("--jobs", type=int, default=1, help="student runs trained side by side (threads split evenly)")
@@ -104,8 +108,12 @@ def main():
     ablations["lambda=x10"] = ["--distill-weight", f"{lam * 10:g}"]
 
     configs = {"baseline": [], "distilled": default_kd}
-    if opt.ablations:
-        configs.update({f"kd {k}": [*default_kd, *v] for k, v in ablations.items()})
+    if opt.ablations or opt.ablation_names:
+        unknown = set(opt.ablation_names or []) - set(ablations)
+        if unknown:
+            raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ablations)}")
+        configs.update({f"kd {k}": [*default_kd, *v] for k, v in ablations.items()
+                        if not opt.ablation_names or k in opt.ablation_names})
     abl_seeds = opt.ablation_seeds or opt.seeds
 
     runs = []  # (config, seed, run name, train_distill.py flags)

@@ -5,9 +5,12 @@ Rows (CPU, untrained weights: speed does not depend on their values):
      per-image, per-box loop), random boxes (0..20 per image); also as % of a yolov5s forward+backward.
   2. a training step at --imgsz/--batch on a real mosaic batch of shapes.yaml, yolov5n student, yolov5s
      teacher, nc=6, through train_distill's own pieces (StudentWithImitation, teacher_features,
-     load_teacher, its FeatureImitation defaults with warm-up 0): (a) plain = forward + ComputeLoss +
-     backward; (b) distilled = (a) + teacher forward + imitation term; (c) teacher forward alone.
-     Interleaved a, b, c, a, b, c ... after a warm-up; medians. Check: b <= a + c + 0.1 a.
+     load_teacher, build_imitation with the trainer's defaults and warm-up 0): (a) plain = forward +
+     ComputeLoss + backward; (b) distilled = (a) + teacher forward + imitation term; (c) teacher forward
+     alone; (d) = (b) with the teacher's maps computed once beforehand; (e) the imitation term alone
+     (masks, adapters, loss, backward to the student's features) with the batch's mask coverage;
+     (f) = (b) with 1x1 adapters; (g) = (b) imitating the raw head maps (no adapter). Interleaved
+     a, b, ..., g, a, ... after a warm-up; medians. Check: b <= a + c + 0.1 a (also for f and g).
   3. training loader images/s (mosaic, hyp.scratch-low) with 0 and 2 workers.
   4. val.py ms per image (whole val.run / images, and val's pre + inference + NMS) at 160 on the val split.
   5. detect.py ms per image on 16 val images (--nosave), same untrained yolov5n checkpoint.
@@ -46,11 +49,12 @@ from benchmarks.mask_speed import ANCHORS, STRIDES, elapsed_ms, random_targets, 
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
-from utils.distill import FeatureImitation, imitation_mask_reference, imitation_masks  # noqa: E402
+from utils.distill import imitation_mask_reference, imitation_masks, mask_coverage  # noqa: E402
 from utils.files import find_file, yaml_load  # noqa: E402
 from utils.logging import LOGGER  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 from utils.sources import list_files  # noqa: E402
+from utils.torch_utils import init_seeds  # noqa: E402
 
 NAN = float("nan")
 
@@ -102,8 +106,10 @@ def mask_row(batch, imgsz, repeats, fb_repeat, seed=0):
 
 
 def step_rows(data, imgsz, batch, repeats, tmp):
-    """Median ms of (a) plain step, (b) distilled step, (c) teacher forward, built as train_distill builds them."""
+    """Median ms of the training-step variants (keys a..g, see the module docstring), built as train_distill
+    builds them, and the mask coverage (% of cells per level) of the benchmark batch."""
     nc = data["nc"]
+    init_seeds(0)  # the same mosaic batch (boxes, coverage) on every run
     loader = create_dataloader(data["train"], imgsz, batch, 32, hyp="hyp.scratch-low.yaml", augment=True,
                                workers=0, shuffle=True, seed=0, nc=nc)[0]
     imgs, targets, *_ = next(iter(loader))
@@ -111,43 +117,62 @@ def step_rows(data, imgsz, batch, repeats, tmp):
 
     torch.manual_seed(0)
     teacher_pt = tmp / "teacher_yolov5s.pt"
-    save_checkpoint(teacher_pt, DetectionModel("yolov5s.yaml", nc=nc))
-    opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
-                                        "--distill-warmup", "0"])  # the trainer's defaults otherwise
+    save_checkpoint(teacher_pt, DetectionModel("yolov5s.yaml", nc=nc))  # default anchors, same nc: head mode works
     student = DetectionModel("yolov5n.yaml", nc=nc).train()
-    teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
-    s_det, t_det = student.model[-1], teacher.model[-1]
-    raw_hyp = yaml_load(find_file(opt.hyp))
-    imitation = FeatureImitation([m.in_channels for m in s_det.m], [t_det.m[j].in_channels for j in levels],
-                                 kind=opt.distill_mask, thresh=opt.distill_thresh, weight=opt.distill_weight,
-                                 warmup=opt.distill_warmup, adapter=opt.distill_adapter,
-                                 anchor_t=raw_hyp["anchor_t"] if opt.distill_assign else None,
-                                 normalize=None if opt.distill_norm == "none" else opt.distill_norm)
+    raw_hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
+
+    def variant(*flags):
+        """(opt, imitation) for the trainer's defaults plus flags; warm-up 0 so the term is on from step 0."""
+        opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
+                                            "--distill-warmup", "0", *flags])
+        teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
+        return opt, teacher, levels, train_distill.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"])
+
+    s_det = student.model[-1]
     hyp = scale_loss_gains(raw_hyp, nl=s_det.nl, nc=nc, imgsz=imgsz)
     hyp["label_smoothing"] = 0.0
     student.nc, student.hyp = nc, hyp
     compute_loss = ComputeLoss(student)
     plain = train_distill.StudentWithImitation(student, None)
-    distilled = train_distill.StudentWithImitation(student, imitation, opt.distill_target)
+
+    def distilled_step(opt, teacher, levels, imitation, fixed_teacher_maps=None):
+        module = train_distill.StudentWithImitation(student, imitation, opt.distill_target)
+
+        def step():
+            student.zero_grad(set_to_none=True)
+            imitation.zero_grad(set_to_none=True)
+            t_feats = fixed_teacher_maps or train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+            pred, kd_loss, stats = module(imgs, targets, t_feats, 0)
+            assert stats["masks"], "the imitation term is still in warm-up"
+            (compute_loss(pred, targets)[0] + kd_loss.float() * imgs.shape[0]).backward()
+        return step
 
     def step_a():
         student.zero_grad(set_to_none=True)
         pred, _, _ = plain(imgs, targets)
         compute_loss(pred, targets)[0].backward()
 
-    def step_b():
-        student.zero_grad(set_to_none=True)
+    opt, teacher, levels, imitation = variant()  # the defaults
+    t_fixed = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+    with torch.no_grad():
+        _, s_fixed = student(imgs, return_features=True)
+    s_leaf = [f.detach().requires_grad_() for f in s_fixed]
+    strides = student.stride.tolist()
+    anchors_px = [s_det.anchors[i] * s for i, s in enumerate(strides)]
+    coverage = mask_coverage(imitation(s_leaf, t_fixed, targets, anchors_px, strides, 0)[1]["masks"])
+
+    def imitation_e():  # the imitation term alone: masks, adapters, loss, and its backward to the features
         imitation.zero_grad(set_to_none=True)
-        t_feats = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
-        pred, kd_loss, stats = distilled(imgs, targets, t_feats, 0)
-        assert stats["masks"], "the imitation term is still in warm-up"
-        (compute_loss(pred, targets)[0] + kd_loss.float() * imgs.shape[0]).backward()
+        imitation(s_leaf, t_fixed, targets, anchors_px, strides, 0)[0].backward()
 
-    def teacher_c():
-        train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
-
-    t = interleaved_medians({"a": step_a, "b": step_b, "c": teacher_c}, repeats)
-    return t["a"], t["b"], t["c"], len(targets)
+    fns = {"a": step_a,
+           "b": distilled_step(opt, teacher, levels, imitation),
+           "c": lambda: train_distill.teacher_features(teacher, imgs, levels, opt.distill_target),
+           "d": distilled_step(opt, teacher, levels, imitation, t_fixed),
+           "e": imitation_e,
+           "f": distilled_step(*variant("--distill-adapter", "1x1")),
+           "g": distilled_step(*variant("--distill-target", "head"))}
+    return interleaved_medians(fns, repeats), coverage, len(targets)
 
 
 def eval_rows(data, imgsz, n_detect, tmp):
@@ -207,17 +232,26 @@ def main():
               f"({fb:.0f} ms, best of {1 if q else 2})")]
 
     with quiet_log():
-        a, b, c, ntgt = step_rows(data, imgsz, batch, repeats, tmp)
+        t, cover, ntgt = step_rows(data, imgsz, batch, repeats, tmp)
+    a, b, c = t["a"], t["b"], t["c"]
     setting = f"batch {batch} at {imgsz}, {ntgt} boxes (mosaic)"
-    holds = b <= a + c + 0.1 * a
+
+    def budget(x):
+        ok = x <= a + c + 0.1 * a
+        return (f"{x / a:.2f}x plain; {1e3 * batch / x:.1f} img/s; b <= a + c + 0.1a: {'holds' if ok else 'FAILS'} "
+                f"({x:.0f} vs {a + c + 0.1 * a:.0f} ms)" + ("; below plain: timings disturbed, rerun" if x < a else ""))
+    cover_txt = "mask coverage " + " / ".join(f"{x:.0f}%" for x in cover) + " (P3/P4/P5)"
     rows += [("2a", "plain step: yolov5n fwd + ComputeLoss + bwd", setting, f"{a:.0f} ms",
               f"{1e3 * batch / a:.1f} img/s"),
-             ("2b", "distilled step: 2a + yolov5s teacher + imitation", setting, f"{b:.0f} ms",
-              f"{b / a:.2f}x plain; {1e3 * batch / b:.1f} img/s"),
+             ("2b", "distilled step, defaults: 2a + yolov5s teacher + imitation (neck, 3x3)", setting, f"{b:.0f} ms",
+              budget(b)),
              ("2c", "teacher forward alone (no_grad, features)", setting, f"{c:.0f} ms", f"{c / a:.2f}x plain"),
-             ("2", "(b - a) / c", "", f"{(b - a) / c:.2f}",
-              f"b <= a + c + 0.1a: {'holds' if holds else 'FAILS'} ({b:.0f} vs {a + c + 0.1 * a:.0f} ms)"
-              + ("; b < a: timings disturbed, rerun" if b < a else ""))]
+             ("2d", "2b with the teacher's maps precomputed", setting, f"{t['d']:.0f} ms",
+              f"d - a = {t['d'] - a:.0f} ms: imitation inside the step; b - d = {b - t['d']:.0f} ms: teacher inside"),
+             ("2e", "imitation term alone (masks, 3x3 adapters, loss; fwd + bwd)", setting, f"{t['e']:.1f} ms",
+              f"{100 * t['e'] / a:.0f}% of 2a; {cover_txt}; adapter cost grows with coverage"),
+             ("2f", "distilled step, --distill-adapter 1x1", setting, f"{t['f']:.0f} ms", budget(t["f"])),
+             ("2g", "distilled step, --distill-target head (no adapter)", setting, f"{t['g']:.0f} ms", budget(t["g"]))]
 
     with quiet_log():
         rates = {w: loader_rate(data["train"], imgsz, batch, w, loader_batches, data["nc"]) for w in (0, 2)}

@@ -58,6 +58,23 @@ def test_head_mode_and_its_mismatch_error(tiny_data, tiny_cfg, tmp_path):
     other_nc = make_teacher(tmp_path / "nc3.pt", nc=3)
     with pytest.raises(ValueError, match="head"):
         kd_run(tiny_data, tiny_cfg, tmp_path, other_nc, distill_target="head", name="bad")
+
+
+def test_auto_target_picks_head_when_the_teacher_allows_it_and_skips_autoanchor(tiny_data, tiny_cfg, tmp_path,
+                                                                                monkeypatch):
+    def no_autoanchor(*a, **k):
+        raise AssertionError("AutoAnchor ran in head mode: it could give the student anchors the teacher lacks")
+
+    monkeypatch.setattr(train_distill, "check_anchors", no_autoanchor)
+    same = make_teacher(tmp_path / "same.pt", nc=6, anchors=tiny_cfg_dict()["anchors"])
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, same, distill_target="auto", noautoanchor=False)
+    assert opt.distill_target == "head"
+    assert torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)["distill"]["target"] == "head"
+
+    other_nc = make_teacher(tmp_path / "nc3.pt", nc=3)
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, other_nc, distill_target="auto", name="auto_neck")
+    assert opt.distill_target == "neck"
+    assert torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)["distill"]["target"] == "neck"
     assert not (tmp_path / "runs" / "bad" / "results.csv").exists()  # refused before the first step
 
 

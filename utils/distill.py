@@ -388,12 +388,15 @@ def adapt_at(adapt, s, b, y, x):
     kh, kw = conv.kernel_size
     ph, pw = conv.padding
     sp = F.pad(s, (pw, pw, ph, ph)) if ph or pw else s
-    # padded map index of the cell (y, x) is (y + ph, x + pw); the patch starts k//2 before it (= padding
-    # for a 'same' conv) -> rows y + dy, cols x + dx over dy < kh, dx < kw
-    patches = torch.stack([sp[b, :, y + dy, x + dx] for dy in range(kh) for dx in range(kw)], 2)  # [n, C, kh*kw]
-    out = patches.flatten(1) @ conv.weight.flatten(1).t()  # weight [C_out, C, kh, kw] -> [C_out, C*kh*kw]
-    if conv.bias is not None:
-        out = out + conv.bias
+    bs, c, hp, wp = sp.shape
+    rows = sp.permute(0, 2, 3, 1).reshape(bs * hp * wp, c)  # one row of channels per padded cell
+    # padded index of cell (y, x) is (y + ph, x + pw); its 'same' patch starts k//2 = padding before that,
+    # i.e. at (y, x): the patch is rows (b, y + dy, x + dx) for dy < kh, dx < kw, read with one index_select
+    corner = (b * hp + y) * wp + x
+    offsets = torch.tensor([dy * wp + dx for dy in range(kh) for dx in range(kw)], device=s.device)
+    patches = rows.index_select(0, (corner[:, None] + offsets).reshape(-1)).view(len(b), kh * kw * c)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, kh * kw * c)  # same (dy, dx, c) order
+    out = patches @ weight.t() if conv.bias is None else torch.addmm(conv.bias, patches, weight.t())
     return act(out) if act is not None else out
 
 
