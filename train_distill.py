@@ -123,7 +123,7 @@ def load_teacher(opt, student: DetectionModel, device) -> tuple[nn.Module, list[
                        torch.allclose(t_det.anchors[j] * t_strides[j], s_det.anchors[i].to(device) * s_strides[i])
                        for i, j in enumerate(levels))
     head_ok = t_det.nc == s_det.nc and same_anchors
-    if opt.distill_target == "auto":  # resolved once; the run's opt, opt.yaml and checkpoints keep the result
+    if opt.distill_target == "auto":  # resolved once: checkpoints (opt, distill record) and --resume keep it
         opt.distill_target = "head" if head_ok else "neck"
         LOGGER.info(f"--distill-target auto: {opt.distill_target} (teacher nc={t_det.nc}, student nc={s_det.nc}, "
                     f"anchors equal: {same_anchors})")
@@ -533,15 +533,16 @@ def parse_opt(known: bool = False, argv=None):
     kd.add_argument("--teacher", type=str, default="", help="frozen teacher weights (project or official .pt); "
                                                             "empty = plain training")
     kd.add_argument("--distill-target", choices=["neck", "head", "auto"], default="neck",
-                    help="imitate the feature maps Detect consumes (neck), the raw Detect maps (head: equal nc "
-                         "and anchors), or head when the teacher allows it and neck otherwise (auto)")
+                    help="imitate the feature maps Detect consumes through adapters (neck), the raw Detect maps "
+                         "(head: needs equal nc and anchors), or head when the teacher allows it, else neck (auto)")
     kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
     kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
     kd.add_argument("--distill-warmup", type=int, default=100,
                     help="iterations without imitation at the start (the trainer's minimum LR warm-up)")
-    kd.add_argument("--distill-adapter", choices=["3x3", "1x1"], default="3x3", help="student->teacher adapter")
+    kd.add_argument("--distill-adapter", choices=["1x1", "3x3"], default="1x1",
+                    help="student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU")
     kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
     kd.add_argument("--distill-norm", choices=["none", "channel"], default="none",

@@ -6,11 +6,12 @@ Rows (CPU, untrained weights: speed does not depend on their values):
   2. a training step at --imgsz/--batch on a real mosaic batch of shapes.yaml, yolov5n student, yolov5s
      teacher, nc=6, through train_distill's own pieces (StudentWithImitation, teacher_features,
      load_teacher, build_imitation with the trainer's defaults and warm-up 0): (a) plain = forward +
-     ComputeLoss + backward; (b) distilled = (a) + teacher forward + imitation term; (c) teacher forward
-     alone; (d) = (b) with the teacher's maps computed once beforehand; (e) the imitation term alone
-     (masks, adapters, loss, backward to the student's features) with the batch's mask coverage;
-     (f) = (b) with 1x1 adapters; (g) = (b) imitating the raw head maps (no adapter). Interleaved
-     a, b, ..., g, a, ... after a warm-up; medians. Check: b <= a + c + 0.1 a (also for f and g).
+     ComputeLoss + backward; (b) distilled with the defaults (neck imitation, 1x1 adapters) = (a) +
+     teacher forward + imitation term; (c) teacher forward alone; (d) = (b) with the paper's 3x3 + ReLU
+     adapters; (e) head imitation (this teacher has the student's nc and anchors; no adapter);
+     (f) = (b) with the teacher's maps computed once beforehand; (g) the imitation term alone (masks,
+     adapters, loss, backward to the student's features) with the batch's mask coverage. Interleaved
+     a, b, ..., g, a, ... after a warm-up; medians. Check: b <= a + c + 0.1 a (also for d and e).
   3. training loader images/s (mosaic, hyp.scratch-low) with 0 and 2 workers.
   4. val.py ms per image (whole val.run / images, and val's pre + inference + NMS) at 160 on the val split.
   5. detect.py ms per image on 16 val images (--nosave), same untrained yolov5n checkpoint.
@@ -152,7 +153,8 @@ def step_rows(data, imgsz, batch, repeats, tmp):
         pred, _, _ = plain(imgs, targets)
         compute_loss(pred, targets)[0].backward()
 
-    opt, teacher, levels, imitation = variant()  # the defaults
+    default = variant()  # neck imitation through 1x1 adapters
+    opt, teacher, levels, imitation = default
     t_fixed = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
     with torch.no_grad():
         _, s_fixed = student(imgs, return_features=True)
@@ -161,17 +163,17 @@ def step_rows(data, imgsz, batch, repeats, tmp):
     anchors_px = [s_det.anchors[i] * s for i, s in enumerate(strides)]
     coverage = mask_coverage(imitation(s_leaf, t_fixed, targets, anchors_px, strides, 0)[1]["masks"])
 
-    def imitation_e():  # the imitation term alone: masks, adapters, loss, and its backward to the features
+    def imitation_alone():  # masks, adapters, loss, and its backward to the student's features
         imitation.zero_grad(set_to_none=True)
         imitation(s_leaf, t_fixed, targets, anchors_px, strides, 0)[0].backward()
 
     fns = {"a": step_a,
-           "b": distilled_step(opt, teacher, levels, imitation),
+           "b": distilled_step(*default),
            "c": lambda: train_distill.teacher_features(teacher, imgs, levels, opt.distill_target),
-           "d": distilled_step(opt, teacher, levels, imitation, t_fixed),
-           "e": imitation_e,
-           "f": distilled_step(*variant("--distill-adapter", "1x1")),
-           "g": distilled_step(*variant("--distill-target", "head"))}
+           "d": distilled_step(*variant("--distill-adapter", "3x3")),
+           "e": distilled_step(*variant("--distill-target", "head")),
+           "f": distilled_step(*default, fixed_teacher_maps=t_fixed),
+           "g": imitation_alone}
     return interleaved_medians(fns, repeats), coverage, len(targets)
 
 
@@ -243,15 +245,17 @@ def main():
     cover_txt = "mask coverage " + " / ".join(f"{x:.0f}%" for x in cover) + " (P3/P4/P5)"
     rows += [("2a", "plain step: yolov5n fwd + ComputeLoss + bwd", setting, f"{a:.0f} ms",
               f"{1e3 * batch / a:.1f} img/s"),
-             ("2b", "distilled step, defaults: 2a + yolov5s teacher + imitation (neck, 3x3)", setting, f"{b:.0f} ms",
-              budget(b)),
-             ("2c", "teacher forward alone (no_grad, features)", setting, f"{c:.0f} ms", f"{c / a:.2f}x plain"),
-             ("2d", "2b with the teacher's maps precomputed", setting, f"{t['d']:.0f} ms",
-              f"d - a = {t['d'] - a:.0f} ms: imitation inside the step; b - d = {b - t['d']:.0f} ms: teacher inside"),
-             ("2e", "imitation term alone (masks, 3x3 adapters, loss; fwd + bwd)", setting, f"{t['e']:.1f} ms",
-              f"{100 * t['e'] / a:.0f}% of 2a; {cover_txt}; adapter cost grows with coverage"),
-             ("2f", "distilled step, --distill-adapter 1x1", setting, f"{t['f']:.0f} ms", budget(t["f"])),
-             ("2g", "distilled step, --distill-target head (no adapter)", setting, f"{t['g']:.0f} ms", budget(t["g"]))]
+             ("2b", "distilled step, defaults (neck, 1x1 adapters): 2a + yolov5s teacher + imitation", setting,
+              f"{b:.0f} ms", budget(b)),
+             ("2c", "teacher forward alone (no_grad)", setting, f"{c:.0f} ms", f"{c / a:.2f}x plain"),
+             ("2d", "distilled step, --distill-adapter 3x3 (the paper's)", setting, f"{t['d']:.0f} ms",
+              budget(t["d"])),
+             ("2e", "distilled step, --distill-target head (no adapter)", setting, f"{t['e']:.0f} ms", budget(t["e"])),
+             ("2f", "2b with the teacher's maps precomputed", setting, f"{t['f']:.0f} ms",
+              f"f - a = {t['f'] - a:.0f} ms: imitation inside the step; b - f = {b - t['f']:.0f} ms: "
+              f"teacher inside the step"),
+             ("2g", "imitation term alone (masks, 1x1 adapters, loss; fwd + bwd)", setting, f"{t['g']:.1f} ms",
+              f"{100 * t['g'] / a:.1f}% of 2a; {cover_txt}; the adapters' cost grows with the coverage")]
 
     with quiet_log():
         rates = {w: loader_rate(data["train"], imgsz, batch, w, loader_batches, data["nc"]) for w in (0, 2)}

@@ -206,7 +206,7 @@ def test_mask_coverage():
 # ---------------------------------------------------------------------------------------------- adapters
 
 def test_build_adapters_kinds_and_errors():
-    a = build_adapters([8, 16], [16, 32])
+    a = build_adapters([8, 16], [16, 32], "3x3")
     assert len(a) == 2 and isinstance(a[0][0], nn.Conv2d) and isinstance(a[0][1], nn.ReLU)
     assert a[1][0].kernel_size == (3, 3) and a[1][0].padding == (1, 1) and a[1][0].out_channels == 32
     w = a[1][0].weight
@@ -258,7 +258,7 @@ def _student_teacher(seed=0):
 
 def test_loss_gradients_reach_student_and_adapter_not_teacher():
     student, teacher, s, t = _student_teacher()
-    adapters = build_adapters([4], [6])
+    adapters = build_adapters([4], [6], "3x3")
     masks = [torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5]
     loss, _ = imitation_loss([s], [t], masks, adapters)
     loss.backward()
@@ -280,7 +280,7 @@ def test_loss_zero_mask_is_zero_and_connected(kind):
 
 def test_loss_float32_under_autocast():
     student, _, s, t = _student_teacher()
-    adapters = build_adapters([4], [6])
+    adapters = build_adapters([4], [6], "3x3")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, per_level = imitation_loss([s.bfloat16()], [t.bfloat16()], [torch.ones(2, 8, 8, dtype=torch.bool)],
                                          adapters)

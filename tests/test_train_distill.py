@@ -33,7 +33,7 @@ def kd_run(tiny_data, tiny_cfg, tmp_path, teacher, **kw):
 
 def test_distilled_student_checkpoint_is_a_plain_model(tiny_data, tiny_cfg, tmp_path):
     teacher = make_teacher(tmp_path / "teacher.pt")
-    kd = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, noplots=False)
+    kd = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, noplots=False, distill_target="neck")  # with adapters
     plain = train_distill.run(cfg=str(tiny_cfg), data=str(tiny_data), imgsz=64, batch_size=8, epochs=1, workers=0,
                               device="cpu", project=str(tmp_path / "runs"), name="plain", noplots=True,
                               noautoanchor=True)
@@ -81,6 +81,7 @@ def test_auto_target_picks_head_when_the_teacher_allows_it_and_skips_autoanchor(
 def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
     teacher = make_teacher(tmp_path / "coco_like.pt", nc=80)
     opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher)
+    assert opt.distill_target == "neck"  # the default
     assert (Path(opt.save_dir) / "weights/best.pt").is_file()
 
 
@@ -113,7 +114,8 @@ def test_stride_and_image_size_mismatch_errors(tiny_data, tiny_cfg, tmp_path):
 
 def test_resume_of_a_distilling_run_keeps_the_adapters(tiny_data, tiny_cfg, tmp_path, monkeypatch):
     teacher = make_teacher(tmp_path / "teacher.pt")
-    killed_after_first_epoch(monkeypatch, lambda: kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2))
+    neck_run = lambda: kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2, distill_target="neck")  # noqa: E731
+    killed_after_first_epoch(monkeypatch, neck_run)
     last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
     saved = torch.load(last, weights_only=True)["adapters"]
     assert saved, "an unfinished distilling run keeps its adapters in last.pt"
