@@ -275,10 +275,11 @@ def train(hyp: dict, opt, device) -> tuple:
                                        hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
                                        workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=nc)[0]
         if not opt.resume:
-            if opt.teacher and opt.distill_target == "head" and not opt.noautoanchor:
-                LOGGER.info(f"{colorstr('AutoAnchor:')} skipped: head imitation needs the teacher's anchors")
-            elif not opt.noautoanchor:
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+            if not opt.noautoanchor:
+                if opt.teacher and opt.distill_target == "head":
+                    LOGGER.info(f"{colorstr('AutoAnchor:')} skipped: head imitation needs the teacher's anchors")
+                else:
+                    check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
             if plots:
                 plot_labels(labels, names, save_dir)
         model.half().float()  # pre-reduce anchor precision, as the saved fp16 checkpoints will hold them

@@ -123,7 +123,8 @@ def step_rows(data, imgsz, batch, repeats, tmp):
     raw_hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
 
     def variant(*flags):
-        """(opt, imitation) for the trainer's defaults plus flags; warm-up 0 so the term is on from step 0."""
+        """(opt, teacher, levels, imitation) for the trainer's defaults plus flags; warm-up 0, so the
+        imitation term is on from the first step."""
         opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
                                             "--distill-warmup", "0", *flags])
         teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))

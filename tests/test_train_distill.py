@@ -58,6 +58,7 @@ def test_head_mode_and_its_mismatch_error(tiny_data, tiny_cfg, tmp_path):
     other_nc = make_teacher(tmp_path / "nc3.pt", nc=3)
     with pytest.raises(ValueError, match="head"):
         kd_run(tiny_data, tiny_cfg, tmp_path, other_nc, distill_target="head", name="bad")
+    assert not (tmp_path / "runs" / "bad" / "results.csv").exists()  # refused before the first step
 
 
 def test_auto_target_picks_head_when_the_teacher_allows_it_and_skips_autoanchor(tiny_data, tiny_cfg, tmp_path,
@@ -75,7 +76,6 @@ def test_auto_target_picks_head_when_the_teacher_allows_it_and_skips_autoanchor(
     opt = kd_run(tiny_data, tiny_cfg, tmp_path, other_nc, distill_target="auto", name="auto_neck")
     assert opt.distill_target == "neck"
     assert torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)["distill"]["target"] == "neck"
-    assert not (tmp_path / "runs" / "bad" / "results.csv").exists()  # refused before the first step
 
 
 def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
