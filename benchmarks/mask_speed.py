@@ -4,7 +4,7 @@ A batch of `--batch` images at `--imgsz` with 0..`--max-boxes` random boxes each
 (strides 8/16/32, yolov5s anchors in pixels). Timed, in one process at one thread count: imitation_masks
 (all levels at once, as FeatureImitation calls it), imitation_mask level by level, kinds 'gt' and 'full',
 imitation_mask_reference ('fine', the per-image, per-box loops), and yolov5s forward + backward on the
-same batch. The fast masks and the reference run interleaved, `--rounds` times; each time is the best
+same batch (timed first, see main). The fast masks and the reference run interleaved, `--rounds` times; each time is the best
 seen (on a shared machine the minimum is the least disturbed). Prints a table.
 
     python benchmarks/mask_speed.py                          # batch 16 at 640, as in the issue
@@ -81,6 +81,10 @@ def main():
     def joint(kind="fine"):
         return imitation_masks(targets, anchors, STRIDES, hws, opt.batch, kind=kind)
 
+    # The student step runs first: besides giving the reference time, its large tensors set the process's
+    # allocator state as in training (after them, glibc serves the masks' few-hundred-kB temporaries from its
+    # heap instead of fresh mmap pages, which here costs up to 1 ms of page faults per call).
+    fb = student_step_ms(opt.batch, opt.imgsz, opt.fb_repeat) if opt.fb_repeat else float("nan")
     for kind in ("fine", "gt"):  # the timed functions agree with the reference on this batch
         ref = per_level(imitation_mask_reference, kind)
         fast = zip(ref, joint(kind), per_level(imitation_mask, kind))
@@ -97,7 +101,6 @@ def main():
                                                     elapsed_ms(lambda: per_level(imitation_mask_reference)))
         for name, fn in cases.items():
             best[name] = min([best[name]] + [elapsed_ms(fn) for _ in range(5)])
-    fb = student_step_ms(opt.batch, opt.imgsz, opt.fb_repeat) if opt.fb_repeat else float("nan")
     best["yolov5s forward+backward"] = fb
 
     ref = best["imitation_mask_reference fine"]

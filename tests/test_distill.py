@@ -71,6 +71,28 @@ def test_masks_of_all_levels_at_once_equal_reference(kind):
         imitation_masks(t, ANCHORS[:2], STRIDES, hws, 4)
 
 
+def test_masks_equal_reference_on_varied_heads():
+    """1-4 levels (P6 strides included), 1-4 random anchors per level (on a pixel grid every other time, for
+    exact ties), maps of different sizes, boxes far outside the image: the shortcuts of the fast path (peak
+    overlap from 3 cells, anchors' intervals merged per row, both interval ends in one tensor) change no cell."""
+    g = torch.Generator().manual_seed(5)
+    for it in range(40):
+        n_lvl, na, bs = (int(torch.randint(1, 5, (1,), generator=g)) for _ in range(3))
+        strides = [8 * 2 ** i for i in range(n_lvl)]
+        hgt, wid = (strides[-1] * int(torch.randint(1, 5, (1,), generator=g)) for _ in range(2))
+        grid = 4 if it % 2 else None
+        anchors = [(torch.randint(1, 16, (na, 2), generator=g).float() * 4 if grid else
+                    torch.rand(na, 2, generator=g) * 60 + 2) * 2 ** i for i in range(n_lvl)]
+        t = random_targets(g, bs=bs, max_boxes=10, grid_px=grid, img_hw=(hgt, wid))
+        if len(t) and it % 3 == 0:
+            t[-1, 2:4] += 20.0  # centre 20 image sizes away
+        hws = [(hgt // s, wid // s) for s in strides]
+        for kind, thresh in (("fine", (0.5, 0.3, 1 / 3, 0.9)[it % 4]), ("gt", 0.5)):
+            masks = imitation_masks(t, anchors, strides, hws, bs, thresh=thresh, kind=kind)
+            for m, a, s, hw in zip(masks, anchors, strides, hws):
+                assert torch.equal(m, imitation_mask_reference(t, a, s, hw, bs, thresh=thresh, kind=kind)), (it, s)
+
+
 @pytest.mark.parametrize("thresh", [0.2, 0.8, 1.0])
 def test_mask_equals_reference_thresholds(thresh):
     g = torch.Generator().manual_seed(1)

@@ -129,7 +129,8 @@ def imitation_mask_reference(targets, anchors, stride, feature_hw, batch_size, t
 
 # ----------------------------------------------------------------------------------------------------
 # Fast path. The levels are laid side by side: rows r = (level, y) and columns (level, x) of all levels
-# are concatenated, so one torch op serves every level (op overhead, not arithmetic, dominates on CPU).
+# are concatenated, so one torch op serves every level. On CPU the cost is about half op overhead (~5 us per
+# op, ~170 ops) and half memory traffic over [2, boxes, anchors, rows] tensors; both shaped what is below.
 
 _SLACK = 1 / 64  # cells; > |real estimate - float boundary| (a few ulps) while box coordinates stay < ~1e5 px
 _BIG = float(2 ** 20)  # added to an interval start to empty it (ends stay exact integers in float32)
@@ -155,9 +156,10 @@ def _one_cpu_thread(device):
 def _layout(hws, strides, batch_size, device):
     """Tables for levels side by side, built once per shape on the device.
 
-    Per row r = (level l, y): level, centre cy, stride, width w_l (float), offset of (image 0, y) in the flat
-    difference buffer and the step from one image to the next. Per column (l, x): level, centre cx. The
-    buffer holds per level batch_size images of h_l rows of w_l + 1 counters.
+    Rows r = (level l, y) of all levels: level, centre cy, stride, width w_l, offset of (image 0, y) in the flat
+    difference buffer and the step from one image to the next; the buffer holds per level batch_size images
+    of h_l rows of w_l + 1 counters. Columns (l, x): centre cx. Constants of `_peak_overlap` (per candidate
+    cell), `_fine_rows` (per side of the row intervals) and `_paint`.
     """
     def cat(parts, dtype):
         return torch.cat([p.to(dtype) for p in parts])
@@ -168,15 +170,36 @@ def _layout(hws, strides, batch_size, device):
         y = torch.arange(h, device=device)
         rows.append((full((h,), lvl), _centres(h, s, device), full((h,), s), full((h,), w), off + y * (w + 1),
                      full((h,), h * (w + 1))))
-        cols.append((full((w,), lvl), _centres(w, s, device)))
+        cols.append(_centres(w, s, device))
         levels.append((off, h, w))
         off += batch_size * h * (w + 1)
     f32, i64 = torch.float32, torch.int64
     lvl_r, cy, s_r, w_r, base_r, step_r = (cat(p, d) for p, d in zip(zip(*rows), (i64, f32, f32, f32, i64, i64)))
-    lvl_c, cx = (cat(p, d) for p, d in zip(zip(*cols), (i64, f32)))
-    return SimpleNamespace(lvl_r=lvl_r, cy=cy, s_r=s_r, w_r=w_r, base_r=base_r, step_r=step_r, lvl_c=lvl_c, cx=cx,
-                           hs=[h for h, _ in hws], ws=[w for _, w in hws], wmax=max(w for _, w in hws),
-                           levels=levels, size=off)
+    cx = torch.cat(cols)
+    tensor = functools.partial(torch.tensor, dtype=f32, device=device)
+    wmax, n_lvl, n_rows = max(w for _, w in hws), len(hws), len(s_r)
+
+    def per_side(side0, side1):  # [2, 1, 1, R]; constants as full rows: clamp and add with [2, 1, 1, 1]
+        return torch.stack(torch.broadcast_tensors(tensor(side0), tensor(side1), s_r)[:2]).view(2, 1, 1, n_rows)
+
+    return SimpleNamespace(
+        lvl_r=lvl_r, cy=cy, s_r=s_r, w_r=w_r, base_r=base_r, step_r=step_r, cx=cx,
+        hs=[h for h, _ in hws], ws=[w for _, w in hws], wmax=wmax, levels=levels, size=off,
+        zero=torch.zeros((), device=device),
+        # _peak_overlap, per candidate cell k = (level, j): level, 1 / (2 stride), j - 1, stride, last x/y cell
+        lvl_k=torch.arange(n_lvl, device=device).repeat_interleave(3),
+        inv2s_k=tensor([0.5 / s for s in strides for _ in range(3)]), off_k=tensor([-1.0, 0.0, 1.0] * n_lvl),
+        s_k=tensor([s for s in strides for _ in range(3)]),
+        last_k=tensor([[w - 1 for _, w in hws for _ in range(3)],
+                       [h - 1 for h, _ in hws for _ in range(3)]]).view(2, 1, 1, 3 * n_lvl),
+        # _fine_rows, per side (0: interval start, from r[x]; 1: end, from l[x] mirrored to -x)
+        sgn2=tensor([[1.0], [-1.0]]), half_sgn=per_side(0.5, -0.5),
+        kappa=per_side(1.0 - 0.5 - _SLACK, 1.0 + 0.5 - _SLACK) * s_r,  # (1 - sign/2 - slack) * stride
+        y_min=per_side(-1.0, -(wmax + 2.0)), y_max=per_side(wmax + 2.0, 1.0),
+        # _paint: clip bounds (lo and stop in [0, w]) and the +1/-1 of each side
+        clip_min=torch.stack((torch.zeros_like(w_r), 1 - w_r)).view(2, 1, 1, n_rows),
+        clip_max=torch.stack((w_r, torch.ones_like(w_r))).view(2, 1, 1, n_rows),
+        pm=torch.tensor([1, -1], dtype=torch.int32, device=device).view(2, 1, 1))
 
 
 def _below(p, t):
@@ -185,24 +208,30 @@ def _below(p, t):
     return p.sub_(t).sign_().clamp_(max=0)
 
 
-def _floor_(x):
-    """floor of x >= 0, in place, as x - frac(x): torch.floor/ceil start the thread pool even on small tensors,
-    which stalls for milliseconds when the cores are busy."""
-    return x.sub_(x.frac())
-
-
 def _ulp_window(x, k):
     """Floats around positive x: x stepped by -k..k units in the last place (via the bit pattern), [..., 2k+1]."""
     bits = x.clamp(min=1e-30, max=1e30).view(torch.int32)  # positive finite floats order like their bits
     return (bits[..., None] + torch.arange(-k, k + 1, device=x.device, dtype=torch.int32)).view(torch.float32)
 
 
-def _per_level_max(x, sizes):
-    """[..., sum(sizes)] -> [..., L]: max over each level's slice of the last dim."""
-    return torch.stack([part.amax(-1) for part in x.split(sizes, -1)], -1)
+def _peak_overlap(lay, a, b1, b2, blen):
+    """Best 1-D overlap over the map's columns and over its rows, [2, n, na, L] (axis x/y, box, anchor, level).
+
+    The overlap along the cells (ovx, ovy) is unimodal in floating point with its maximum at one of the two
+    cells whose centres bracket the box centre: further away r < l (or l < r) by whole strides, and r, l are
+    monotone. So on the map it peaks at one of those two clipped to the map, and evaluating the 3 cells
+    around the rounded centre with the same float ops as `_reach` gives the maximum of the dense map exactly.
+    a [2, na, L] anchor (w, h); b1, b2, blen [2, n, 1, 1] box (x, y) start, end, length.
+    """
+    n, (_, na, n_lvl) = b1.shape[1], a.shape
+    cells = torch.addcmul(lay.zero, b1 + b2, lay.inv2s_k).sub_(0.5).round_().add_(lay.off_k)  # [2, n, 1, 3L]
+    centres = cells.clamp_(min=lay.zero, max=lay.last_k).add_(0.5).mul_(lay.s_k)
+    a_k = a.index_select(2, lay.lvl_k)[:, None]  # [2, 1, na, 3L]
+    ov = _overlap(*_reach(centres, a_k / 2, b1, b2), a_k, blen)  # [2, n, na, 3L]
+    return ov.view(2, n, na, n_lvl, 3).amax(-1)
 
 
-def _fine_rows(lay, anchors, x1, x2, y1, y2, bw, bh, thresh):
+def _fine_rows(lay, anchors, box, thresh):
     """For every (box, anchor, row r = (level, y)): the cells [lo, stop) of that row whose IoU > psi * best.
 
     Why this equals the dense definition bit for bit (float32, round to nearest): with I = ovy[y] * ovx[x]
@@ -213,72 +242,85 @@ def _fine_rows(lay, anchors, x1, x2, y1, y2, bw, bh, thresh):
     rounded v * ovx[x] = max(0, min(v*r[x], v*l[x], v*a_w, v*b_w)) (rounding is monotone), where
     r[x] = anchor end - box start rises with x and l[x] = box end - anchor start falls. So the row's cells
     are [first x with v*r[x] >= I*, last x with v*l[x] >= I*], provided v*a_w, v*b_w >= I*. Each end comes
-    from its real-arithmetic estimate x0, settled by one exact evaluation at x0 of v*r[x] (v*l[x]) with
-    the same float operations as `_reach`. Rows with v = 0, and boxes without any overlap, come out empty.
-    anchors [L, na, 2]; boxes [n]. Returns lo, stop = hi + 1: float, integer-valued, [n, na, R]; empty
-    when stop <= lo; they may lie off the map.
+    from its real-arithmetic estimate, settled by one exact evaluation of v*r[x] (v*l[x]) with the same
+    float operations as `_reach`. Rows with v = 0, and boxes without any overlap, come out empty.
+
+    Both ends are computed at once as side 0 and side 1 of one tensor: side 1 works on y = -x, where
+    l[x] = ((y - 1/2) * s + a_w/2) - (-x2) holds exactly (negation is exact), so "last x with v*l[x] >= I*"
+    becomes "first y with ..." like side 0 with sign -1. anchors [L, na, 2]; box [3, 2, n] (start, end,
+    length) x (x, y) in pixels. Returns y [2, n, na, R] (float, integer-valued): lo = y[0], stop = 1 - y[1];
+    empty when stop <= lo; they may lie off the map.
     """
-    aw, ah = anchors[..., 0], anchors[..., 1]  # [L, na]
-    # anchor widths per column [na, C] and sizes per row [na, R]; contiguous, or every op below slows down
-    aw_c = aw.T.index_select(1, lay.lvl_c)
-    aw_r, ah_r = aw.T.index_select(1, lay.lvl_r), ah.T.index_select(1, lay.lvl_r)
-    x1, x2, y1, y2, bw, bh = (b[:, None, None] for b in (x1, x2, y1, y2, bw, bh))  # [n, 1, 1]
-    ovx = _overlap(*_reach(lay.cx, aw_c / 2, x1, x2), aw_c, bw)  # [n, na, C]
-    v = _overlap(*_reach(lay.cy, ah_r / 2, y1, y2), ah_r, bh)  # ovy, [n, na, R]
-    best = _per_level_max(v, lay.hs) * _per_level_max(ovx, lay.ws)  # [n, na, L]
-    s = _union_base((aw * ah).T, bw * bh)  # [n, na, L]
+    n = box.shape[-1]
+    b1, b2, blen = box.view(3, 2, n, 1, 1).unbind(0)  # [2, n, 1, 1] each
+    a = anchors.permute(2, 1, 0)  # [2, na, L]: anchor (w, h)
+    peak_x, peak_y = _peak_overlap(lay, a, b1, b2, blen)  # [n, na, L]
+    best = peak_y * peak_x  # the best intersection: IoU rises with it at fixed areas
+    s = _union_base(a[0] * a[1], blen[0] * blen[1])  # [n, na, L]
     f = thresh * (best / (s - best)).amax(1, keepdim=True)  # F per box and level, [n, 1, L]
     cand = _ulp_window(f * s / (1 + f), 8)  # [n, na, L, 17] floats around the real root of I / (S - I) = F
     above = cand / (s[..., None] - cand) > f[..., None]  # False..False True..True
     i_star = cand.gather(-1, (~above).sum(-1, keepdim=True).clamp_(max=cand.shape[-1] - 1))[..., 0]
     i_star = i_star.index_select(-1, lay.lvl_r)  # [n, na, R]
 
-    s_r, half = lay.s_r, aw_r / 2  # [R], [na, R]
+    a_r = a.index_select(2, lay.lvl_r)  # [2, na, R]; contiguous, or every op below slows down
+    half_r = a_r / 2
+    v = _overlap(*_reach(lay.cy, half_r[1], b1[1], b2[1]), a_r[1], blen[1])  # ovy, [n, na, R]
+    sb = (box[:2, 0] * lay.sgn2).view(2, n, 1, 1)  # (x1, -x2)
     q = i_star / v  # ovx that row needs, real arithmetic (v = 0: inf, clamped below -> empty row)
-    # lo: first x with v*r[x] >= I*. With e the real root of r[x] = q, x0 = floor(e - slack) + 1 is in
-    # doubt: lo = x0 if v*r[x0] >= I* else x0 + 1. (u = e - slack + 2, clamped to stay >= 0 for _floor_.)
-    u = (q + ((1.5 - _SLACK) * s_r - half)).add_(x1).div_(s_r).clamp_(0, lay.wmax + 3)
-    x0 = _floor_(u).sub_(1)
-    lo = x0.sub_(_below((x0 + 0.5).mul_(s_r).add_(half).sub_(x1).mul_(v), i_star))
-    # stop = hi + 1, hi the last x with v*l[x] >= I*: x0 = ceil(e + slack) - 1 = (wmax + 1) - floor(z),
-    # z = (wmax + 1) - (e + slack - 1) >= 0 with e from l[x] = q; hi = x0 if v*l[x0] >= I* else x0 - 1.
-    z = q.add_((lay.wmax + 2.5 - _SLACK) * s_r - half).sub_(x2).div_(s_r).clamp_(0, 2 * lay.wmax + 4)
-    x0 = _floor_(z).neg_().add_(lay.wmax + 1)
-    stop = x0.add_(_below((x0 + 0.5).mul_(s_r).sub_(half).neg_().add_(x2).mul_(v), i_star)).add_(1)
-    # v*a_w >= I* and v*b_w >= I*, else empty
-    lo.add_(_below(v.mul_(torch.minimum(aw_r, bw)), i_star), alpha=-_BIG)
-    return lo, stop
+    # first y with v*g[y] >= I*, g = r (side 0) or mirrored l (side 1): with e the real root of g = q,
+    # y0 = floor(e - slack) + 1 is in doubt: y = y0 if v*g[y0] >= I* else y0 + 1. u = e - slack + 1, clamped
+    # to y0 in [-1, wmax + 2] along x (whatever lies further out is off the map on the same side).
+    u = (q + (lay.kappa - half_r[0])).add_(sb).div_(lay.s_r)  # [2, n, na, R]
+    y = u.clamp_(min=lay.y_min, max=lay.y_max).floor_()
+    g = (y + lay.half_sgn).mul_(lay.s_r).add_(half_r[0]).sub_(sb).mul_(v)  # v * g[y0], exactly as `_reach`
+    y.sub_(_below(g, i_star))
+    # v*a_w >= I* and v*b_w >= I*, else empty (both sides pushed out)
+    return y.add_(_below(v.mul_(torch.minimum(a_r[0], blen[0])), i_star), alpha=-_BIG)
 
 
-def _gt_rows(lay, x1, x2, y1, y2):
-    """For every (box, row r): cells [lo, stop) whose centre lies strictly inside the box, [n, 1, R] each."""
+def _gt_rows(lay, box):
+    """For every (box, row r): cells [lo, stop) whose centre lies strictly inside the box, in the form of
+    `_fine_rows` (lo = y[0], stop = 1 - y[1]), [2, n, 1, R]."""
+    (x1, y1), (x2, y2) = box[0], box[1]
     per_level = lay.cx.split(lay.ws)
     lo = torch.stack([torch.searchsorted(c, x1, side="right") for c in per_level], -1)  # first centre > x1
     stop = torch.stack([torch.searchsorted(c, x2, side="left") for c in per_level], -1)  # first centre >= x2
+    y = torch.stack((lo, 1 - stop)).float().index_select(-1, lay.lvl_r)  # [2, n, R]
     outside = ((lay.cy <= y1[:, None]) | (lay.cy >= y2[:, None])).float()  # [n, R]
-    lo = lo.float().index_select(-1, lay.lvl_r).add_(outside, alpha=_BIG)
-    return lo[:, None], stop.float().index_select(-1, lay.lvl_r)[:, None]
+    return y.add_(outside, alpha=_BIG)[:, :, None]
 
 
-def _paint(lay, img, lo, stop, batch_size):
-    """Union of row intervals [lo, stop) (float, integer-valued, [n, k, R]) into one bool [bs, h_l, w_l] mask
-    per level: +1 at lo, -1 at stop, cumulative sum along x. Empty (stop <= lo) or off-map parts add
-    nothing, and so do boxes of images outside [0, batch_size). Overwrites lo."""
-    stray = ((img < 0) | (img >= batch_size)).float()[:, None, None]  # [n, 1, 1]
-    lo.add_(stray, alpha=_BIG)  # their intervals become empty
-    base = (lay.base_r + img.clamp(0, batch_size - 1)[:, None] * lay.step_r)[:, None]  # offset of (image, row)
+def _paint(lay, img, y, batch_size):
+    """Union of row intervals (lo = y[0], stop = 1 - y[1], float, integer-valued, [2, n, k, R]) into one bool
+    [bs, h_l, w_l] mask per level: +1 at lo, -1 at stop, cumulative sum along x. Empty (stop <= lo) or
+    off-map parts add nothing, and so do boxes of images outside [0, batch_size). Overwrites y.
+
+    The k intervals of a (box, row) are first merged into one, [min lo, max stop) over the non-empty ones
+    (clipped to the row), which costs a few ops on [2, n, k, R] and saves k - 1 of every later op. Exact for
+    the anchors' intervals of `_fine_rows`: each non-empty one holds one of the two cells whose centres
+    bracket the box centre (its ovx is unimodal with the maximum there, see `_peak_overlap`), so any union
+    of them is an interval.
+    """
+    y = y.clamp_(min=lay.clip_min, max=lay.clip_max)  # lo, stop in [0, w]
+    if y.shape[2] > 1:  # float arithmetic only: on CPU, bool masks (masked_fill, where) cost 20x more
+        g = _below(y[0] + y[1], 1.0)  # -1 where lo < stop (non-empty), else 0
+        y = y.add_(g, alpha=_BIG).amin(2).add_(_BIG)  # [2, n, R]; lo, stop of the union; all empty: lo, -stop >= BIG
+    else:
+        y = y[:, :, 0]
+    stray = ((img < 0) | (img >= batch_size)).float()[:, None]  # [n, 1]
+    y.add_(stray, alpha=_BIG)  # their intervals become empty
+    lo, stop = y.unbind(0)
+    stop.neg_().add_(1)
+    torch.maximum(stop, lo, out=stop)  # = lo for empty intervals: +1 and -1 cancel
+    y = torch.minimum(y, lay.w_r, out=y)
+    base = lay.base_r + img.clamp(0, batch_size - 1)[:, None] * lay.step_r  # offset of (image, row), [n, R]
     exact = lay.size < 2 ** 24  # offsets are exact in float32: add them before the (costly) int64 cast
-    base = base.float() if exact else base
-    stop = torch.maximum(stop, lo)  # = lo for empty intervals: +1 and -1 cancel
-    lo, stop = (torch.minimum(x.clamp_(min=0), lay.w_r, out=x) for x in (lo, stop))
-    lo, stop = ((x.add_(base).long() if exact else x.long().add_(base)).view(-1) for x in (lo, stop))
+    idx = y.add_(base.float()).long() if exact else y.long().add_(base)
     diff = torch.zeros(lay.size, dtype=torch.int32, device=img.device)
-    ones = torch.ones(lo.numel(), dtype=torch.int32, device=img.device)
-    diff.scatter_add_(0, lo, ones)
-    diff.scatter_add_(0, stop, ones.neg_())
-    counts = diff.cumsum(0, dtype=torch.int32)  # each row's +1/-1 pairs sit inside the row: no carry-over
-    return [counts[o:o + batch_size * h * (w + 1)].view(batch_size, h, w + 1)[..., :w].bool()
-            for o, h, w in lay.levels]  # counts >= 0
+    diff.scatter_add_(0, idx.view(-1), lay.pm.expand(idx.shape).reshape(-1))
+    counts = diff.cumsum(0, dtype=torch.int32).bool()  # each row's +1/-1 pairs sit inside the row: no carry-over
+    return [counts[o:o + batch_size * h * (w + 1)].view(batch_size, h, w + 1)[..., :w] for o, h, w in lay.levels]
 
 
 def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0.5, kind="fine", anchor_t=None):
@@ -304,14 +346,12 @@ def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0
         anchors = torch.stack([torch.as_tensor(a) for a in anchors]).to(device=dev, dtype=torch.float32)  # [L, na, 2]
         lay = _layout(tuple(hws), tuple(strides), int(batch_size), dev)
         img, x1, x2, y1, y2, bw, bh = _boxes_px(targets, strides[0], *hws[0])
-        if kind == "gt":
-            lo, stop = _gt_rows(lay, x1, x2, y1, y2)
-        else:
-            lo, stop = _fine_rows(lay, anchors, x1, x2, y1, y2, bw, bh, float(thresh))
+        box = torch.stack((x1, y1, x2, y2, bw, bh)).view(3, 2, -1)  # (start, end, length) x (x, y) x boxes
+        y = _gt_rows(lay, box) if kind == "gt" else _fine_rows(lay, anchors, box, float(thresh))
         if anchor_t is not None:  # boxes YOLOv5 assigns to other levels: empty intervals
             other = (~_matches_level(anchors, bw, bh, float(anchor_t))).float()  # [n, L]
-            lo = lo + other.index_select(-1, lay.lvl_r)[:, None] * _BIG
-        return _paint(lay, img, lo, stop, batch_size)
+            y = y.add_(other.index_select(-1, lay.lvl_r)[:, None], alpha=_BIG)
+        return _paint(lay, img, y, batch_size)
 
 
 def imitation_mask(targets, anchors, stride, feature_hw, batch_size, thresh=0.5, kind="fine", anchor_t=None):
