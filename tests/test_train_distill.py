@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_distill
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_model, save_checkpoint
 from models.yolo import DetectionModel
 from tests.conftest import killed_after_first_epoch, tiny_cfg_dict
 from utils.distill import FeatureImitation
@@ -76,6 +76,22 @@ def test_auto_target_picks_head_when_the_teacher_allows_it_and_skips_autoanchor(
     opt = kd_run(tiny_data, tiny_cfg, tmp_path, other_nc, distill_target="auto", name="auto_neck")
     assert opt.distill_target == "neck"
     assert torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)["distill"]["target"] == "neck"
+
+
+def test_teacher_is_frozen_fused_and_gives_the_same_maps(tmp_path):
+    """load_teacher: eval, no gradients, BatchNorm folded into the convs (cheaper forward), same neck maps."""
+    path = make_teacher(tmp_path / "t.pt")
+    student = DetectionModel(tiny_cfg_dict("yolov5n.yaml", width=0.25, nc=6))
+    opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64"])
+    teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    unfused = load_model(path)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        got = train_distill.teacher_features(teacher, x, levels, "neck")
+        want = unfused(x, return_features=True)[1]
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, want))
 
 
 def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
