@@ -2,10 +2,11 @@
 
 A batch of `--batch` images at `--imgsz` with 0..`--max-boxes` random boxes each, the three YOLOv5s levels
 (strides 8/16/32, yolov5s anchors in pixels). Timed, in one process at one thread count: imitation_masks
-(all levels at once, as FeatureImitation calls it), imitation_mask level by level, kinds 'gt' and 'full',
-imitation_mask_reference ('fine', the per-image, per-box loops), and yolov5s forward + backward on the
-same batch (timed first, see main). The fast masks and the reference run interleaved, `--rounds` times; each time is the best
-seen (on a shared machine the minimum is the least disturbed). Prints a table.
+(all levels at once, as FeatureImitation calls it; also with the first box only: the fixed cost of a
+call), imitation_mask level by level, kinds 'gt' and 'full', imitation_mask_reference ('fine', the
+per-image, per-box loops), and yolov5s forward + backward on the same batch (timed first, see main). The
+fast masks and the reference run interleaved, `--rounds` times; each time is the best seen (on a shared
+machine the minimum is the least disturbed). Prints a table and the torch ops per call.
 
     python benchmarks/mask_speed.py                          # batch 16 at 640, as in the issue
     python benchmarks/mask_speed.py --fb-repeat 0 --rounds 10  # masks only
@@ -89,8 +90,10 @@ def main():
         ref = per_level(imitation_mask_reference, kind)
         fast = zip(ref, joint(kind), per_level(imitation_mask, kind))
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in fast)
+    one_box = targets[:1]
     cases = {
         "imitation_masks fine (3 levels at once)": joint,
+        "imitation_masks fine, first box only": lambda: imitation_masks(one_box, anchors, STRIDES, hws, opt.batch),
         "imitation_mask fine (level by level)": lambda: per_level(imitation_mask),
         "imitation_masks gt": lambda: joint("gt"),
         "imitation_masks full": lambda: joint("full"),
@@ -112,7 +115,25 @@ def main():
         print(f"{name:42}{ms:10.2f}{ref / ms:12.1f}{100 * ms / fb:10.3f}")
     fine = best["imitation_masks fine (3 levels at once)"]
     print(f"fine masks: {ref / fine:.0f}x faster than the loop reference, {100 * fine / fb:.3f}% of a yolov5s "
-          f"forward+backward; equal to the reference: yes")
+          f"forward+backward; equal to the reference: yes; {count_ops(joint)} torch ops per call, of which the "
+          f"fixed part (first box only) takes {100 * best['imitation_masks fine, first box only'] / fine:.0f}% "
+          f"of the time")
+
+
+def count_ops(fn):
+    """Number of aten ops one call of fn dispatches (views included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
 
 
 if __name__ == "__main__":
