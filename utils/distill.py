@@ -40,14 +40,20 @@ def _check_args(targets, anchors, stride, feature_hw, batch_size, thresh, kind):
         raise ValueError(f"bad feature_hw={feature_hw}, batch_size={batch_size} or stride={stride}")
 
 
-def _boxes_px(targets, stride, h, w):
-    """Targets [n, 6] -> image index [n] (long), box x1, x2, y1, y2, w, h in input pixels (each [n]).
-    Non-finite values become 0 and the rest is clipped to +-1e4, so broken labels mark nothing or little
-    instead of breaking the arithmetic."""
+def _boxes_px(targets, scale):
+    """Targets [n, 6] -> image index [n] (long) and boxes [3, 2, n] in input pixels: (start, end, size) x (x, y).
+    scale [4, 1]: input width, height, width, height in pixels (float32, on the targets' device). Non-finite
+    values become 0 and the rest is clipped to +-1e4, so broken labels mark nothing or little instead of
+    breaking the arithmetic."""
     t = targets.float().nan_to_num(0.0, 0.0, 0.0).clamp_(-1e4, 1e4)
-    bx, bw = t[:, 2] * (w * stride), t[:, 4] * (w * stride)
-    by, bh = t[:, 3] * (h * stride), t[:, 5] * (h * stride)
-    return t[:, 0].long(), bx - bw / 2, bx + bw / 2, by - bh / 2, by + bh / 2, bw, bh
+    xywh = t[:, 2:].T * scale  # [4, n]
+    half = xywh[2:] / 2
+    return t[:, 0].long(), torch.stack((xywh[:2] - half, xywh[:2] + half, xywh[2:]))
+
+
+def _input_scale(stride, h, w, device):
+    """The `scale` of _boxes_px for a level of stride `stride` and map size h x w."""
+    return torch.tensor([w * stride, h * stride] * 2, dtype=torch.float32, device=device).view(4, 1)
 
 
 def _centres(n, stride, device):
@@ -111,7 +117,8 @@ def imitation_mask_reference(targets, anchors, stride, feature_hw, batch_size, t
     if kind == "full":
         return mask | True
     anchors = anchors.to(device=dev, dtype=torch.float32)
-    img, x1, x2, y1, y2, bw, bh = _boxes_px(targets, stride, h, w)
+    img, box = _boxes_px(targets, _input_scale(stride, h, w, dev))
+    (x1, y1), (x2, y2), (bw, bh) = box
     cx, cy = _centres(w, stride, dev), _centres(h, stride, dev)
     for i in range(batch_size):
         for j in torch.nonzero(img == i).flatten().tolist():
@@ -185,7 +192,7 @@ def _layout(hws, strides, batch_size, device):
     return SimpleNamespace(
         lvl_r=lvl_r, cy=cy, s_r=s_r, w_r=w_r, base_r=base_r, step_r=step_r, cx=cx,
         hs=[h for h, _ in hws], ws=[w for _, w in hws], wmax=wmax, levels=levels, size=off,
-        zero=torch.zeros((), device=device),
+        zero=torch.zeros((), device=device), scale=_input_scale(strides[0], *hws[0], device),
         # _peak_overlap, per candidate cell k = (level, j): level, 1 / (2 stride), j - 1, stride, last x/y cell
         lvl_k=torch.arange(n_lvl, device=device).repeat_interleave(3),
         inv2s_k=tensor([0.5 / s for s in strides for _ in range(3)]), off_k=tensor([-1.0, 0.0, 1.0] * n_lvl),
@@ -345,11 +352,10 @@ def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0
                     for a, s, hw in zip(anchors, strides, hws)]
         anchors = torch.stack([torch.as_tensor(a) for a in anchors]).to(device=dev, dtype=torch.float32)  # [L, na, 2]
         lay = _layout(tuple(hws), tuple(strides), int(batch_size), dev)
-        img, x1, x2, y1, y2, bw, bh = _boxes_px(targets, strides[0], *hws[0])
-        box = torch.stack((x1, y1, x2, y2, bw, bh)).view(3, 2, -1)  # (start, end, length) x (x, y) x boxes
+        img, box = _boxes_px(targets, lay.scale)  # box [3, 2, n]: (start, end, length) x (x, y)
         y = _gt_rows(lay, box) if kind == "gt" else _fine_rows(lay, anchors, box, float(thresh))
         if anchor_t is not None:  # boxes YOLOv5 assigns to other levels: empty intervals
-            other = (~_matches_level(anchors, bw, bh, float(anchor_t))).float()  # [n, L]
+            other = (~_matches_level(anchors, *box[2], float(anchor_t))).float()  # [n, L]
             y = y.add_(other.index_select(-1, lay.lvl_r)[:, None], alpha=_BIG)
         return _paint(lay, img, y, batch_size)
 
