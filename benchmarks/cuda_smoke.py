@@ -1,0 +1,197 @@
+"""CUDA smoke check: one command for a session that is lent a GPU, covering what CPU runs cannot.
+
+  1. imitation_masks on the device: equal to the CPU result, no host sync (a warm call under
+     torch.cuda.set_sync_debug_mode('error')), ms per call (batch 16 at 640, 0..20 boxes per image).
+  2. One training batch of shapes, yolov5n student, untrained yolov5s teacher loaded by the trainer's
+     load_teacher (fp16 on CUDA), AMP as the trainer runs it: (a) plain step, (b) distilled step with the
+     defaults, (c) teacher forward alone; medians, the check b <= a + c + 0.1a, and a finite, non-zero
+     imitation loss with finite gradients.
+  3. train_distill.run for one epoch with that teacher (AMP, fp16 teacher, EMA, val in half precision),
+     then val.run --half on its best.pt: finite metrics and a non-zero kd_loss column in results.csv.
+
+    python benchmarks/cuda_smoke.py                 # device 0
+    python benchmarks/cuda_smoke.py --device cpu --imgsz 128 --mask-imgsz 320   # dry run of the same code
+
+Prints a Markdown table and writes it to runs/benchmarks/cuda_smoke/summary.md; exits 1 if a check fails,
+2 if the device is missing.
+"""
+import argparse
+import csv
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_distill  # noqa: E402
+import val  # noqa: E402
+from benchmarks.mask_speed import ANCHORS, STRIDES, random_targets  # noqa: E402
+from benchmarks.speed import quiet_log  # noqa: E402
+from models.checkpoint import save_checkpoint  # noqa: E402
+from models.yolo import DetectionModel  # noqa: E402
+from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
+from utils.distill import imitation_masks  # noqa: E402
+from utils.files import find_file, yaml_load  # noqa: E402
+from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
+from utils.torch_utils import init_seeds  # noqa: E402
+
+
+def timed_ms(fn, dev, repeats):
+    """Median ms of fn over `repeats` calls after one warm-up, synchronising the device around each."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def mask_checks(dev, imgsz, repeats):
+    targets = random_targets(16, 20, 0)
+    anchors = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in ANCHORS]
+    hws = [(imgsz // s, imgsz // s) for s in STRIDES]
+    want = imitation_masks(targets, anchors, STRIDES, hws, 16)
+    t_dev, a_dev = targets.to(dev), [a.to(dev) for a in anchors]
+    call = lambda: imitation_masks(t_dev, a_dev, STRIDES, hws, 16)  # noqa: E731
+    got = call()
+    equal = all(torch.equal(w, g.cpu()) for w, g in zip(want, got))
+    no_sync = "n/a on CPU"
+    if dev.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+            no_sync = True
+        except RuntimeError as e:
+            no_sync = f"False ({e})"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return equal, no_sync, timed_ms(call, dev, repeats), len(targets)
+
+
+def step_checks(dev, imgsz, batch, teacher_pt, repeats):
+    """Median ms of (a) plain, (b) distilled, (c) teacher forward, with AMP on CUDA; and sanity of (b)."""
+    data = check_dataset("shapes.yaml")
+    init_seeds(0)
+    loader = create_dataloader(data["train"], imgsz, batch, 32, hyp="hyp.scratch-low.yaml", augment=True,
+                               workers=0, shuffle=True, seed=0, nc=data["nc"])[0]
+    imgs, targets, *_ = next(iter(loader))
+    imgs, targets = imgs.to(dev).float() / 255, targets.to(dev)
+    student = DetectionModel("yolov5n.yaml", nc=data["nc"]).to(dev).train()
+    raw_hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
+    student.nc, student.hyp = data["nc"], scale_loss_gains(raw_hyp, nl=3, nc=data["nc"], imgsz=imgsz)
+    opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
+                                        "--distill-warmup", "0"])
+    teacher, levels = train_distill.load_teacher(opt, student, dev)
+    imitation = train_distill.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"]).to(dev)
+    module = train_distill.StudentWithImitation(student, imitation, opt.distill_target)
+    plain = train_distill.StudentWithImitation(student, None)
+    compute_loss, amp = ComputeLoss(student), dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    seen = {}
+
+    def step(distil):
+        student.zero_grad(set_to_none=True)
+        imitation.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=dev.type, enabled=amp):
+            if distil:
+                t_feats = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+                pred, kd, _ = module(imgs, targets, t_feats, 0)
+            else:
+                (pred, kd, _), t_feats = plain(imgs, targets), None
+            loss = compute_loss(pred, targets)[0]
+            if kd is not None:
+                loss = loss + kd.float() * imgs.shape[0]
+                seen["kd"] = kd.detach()  # read after the timing: no sync inside the step
+        scaler.scale(loss).backward()
+
+    def teacher_only():
+        with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=amp):
+            train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+
+    t = {"a": timed_ms(lambda: step(False), dev, repeats), "b": timed_ms(lambda: step(True), dev, repeats),
+         "c": timed_ms(teacher_only, dev, repeats)}
+    grads_finite = all(torch.isfinite(p.grad).all() for p in list(student.parameters()) + list(imitation.parameters())
+                       if p.grad is not None)
+    return t, next(teacher.parameters()).dtype, float(seen["kd"]), grads_finite, len(targets)
+
+
+def train_checks(dev_arg, imgsz, batch, teacher_pt, out):
+    opt = train_distill.run(data="shapes.yaml", cfg="yolov5n.yaml", teacher=str(teacher_pt), epochs=1, imgsz=imgsz,
+                            batch_size=batch, device=dev_arg, workers=2, project=str(out), name="kd",
+                            exist_ok=True, distill_warmup=0, noplots=True)
+    rows = list(csv.DictReader(open(Path(opt.save_dir) / "results.csv")))
+    kd = float(rows[-1]["train/kd_loss"])
+    best = Path(opt.save_dir) / "weights" / "best.pt"
+    (p, r, map50, map5095, *_), _, _ = val.run(data="shapes.yaml", weights=str(best), imgsz=imgsz, batch_size=32,
+                                               device=dev_arg, workers=2, half=dev_arg != "cpu",
+                                               project=str(out), name="val", exist_ok=True, plots=False)
+    return kd, (p, r, map50, map5095)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="0", help="cuda device index, or cpu for a dry run")
+    ap.add_argument("--imgsz", type=int, default=320, help="training step and run image size")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--mask-imgsz", type=int, default=640)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "cuda_smoke"))
+    opt = ap.parse_args()
+    if opt.device != "cpu" and not torch.cuda.is_available():
+        print("no CUDA device here; run with --device cpu for a dry run of the same code")
+        sys.exit(2)
+    dev = torch.device("cpu" if opt.device == "cpu" else f"cuda:{opt.device}")
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_pt = Path(tempfile.mkdtemp(prefix="cuda_smoke_")) / "teacher_yolov5s.pt"
+    torch.manual_seed(0)
+    save_checkpoint(teacher_pt, DetectionModel("yolov5s.yaml", nc=6))  # untrained: the plumbing is what is checked
+
+    rows, failed = [], []
+
+    def check(name, ok, value):
+        rows.append((name, "ok" if ok else "FAILS", value))
+        failed.extend([name] if not ok else [])
+
+    with quiet_log():
+        equal, no_sync, mask_ms, nbox = mask_checks(dev, opt.mask_imgsz, opt.repeats)
+        check("imitation_masks on the device equal the CPU masks", equal, f"batch 16 at {opt.mask_imgsz}, {nbox} boxes")
+        check("imitation_masks: no host sync (warm call)", no_sync in (True, "n/a on CPU"), str(no_sync))
+        rows.append(("imitation_masks ms per call (median)", "", f"{mask_ms:.2f} ms"))
+        t, t_dtype, kd, grads_finite, ntgt = step_checks(dev, opt.imgsz, opt.batch, teacher_pt, opt.repeats)
+        check("teacher dtype (fp16 on CUDA)", t_dtype == (torch.float16 if dev.type == "cuda" else torch.float32),
+              str(t_dtype))
+        check("distilled step: imitation loss finite and > 0, gradients finite",
+              math.isfinite(kd) and kd > 0 and grads_finite, f"kd {kd:.4g}")
+        budget = t["a"] + t["c"] + 0.1 * t["a"]
+        check("step time b <= a + c + 0.1a", t["b"] <= budget,
+              f"a plain {t['a']:.1f} ms, b distilled {t['b']:.1f} ms, c teacher {t['c']:.1f} ms, budget "
+              f"{budget:.1f} ms (batch {opt.batch} at {opt.imgsz}, {ntgt} boxes, AMP {dev.type == 'cuda'})")
+        kd_col, metrics = train_checks(opt.device, opt.imgsz, opt.batch, teacher_pt, out)
+        check("train_distill.run 1 epoch: kd_loss column > 0", math.isfinite(kd_col) and kd_col > 0, f"{kd_col:.4g}")
+        check("val.run on its best.pt: finite metrics", all(math.isfinite(float(x)) for x in metrics),
+              "P {:.3f} R {:.3f} mAP50 {:.3f} mAP50-95 {:.3f}".format(*map(float, metrics)))
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU"
+    lines = [f"## CUDA smoke: {name}, torch {torch.__version__}", "", "| check | result | value |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    (out / "summary.md").write_text(text)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
