@@ -162,8 +162,10 @@ def head_as_image(p: torch.Tensor) -> torch.Tensor:
 def teacher_features(teacher, imgs, levels, target: str) -> list[torch.Tensor]:
     """The teacher's maps at the imitated levels, from one forward pass: neck features or raw head maps."""
     x = imgs.half() if next(teacher.parameters()).dtype == torch.float16 else imgs
-    (_, raw), feats = teacher(x, return_features=True)
-    maps = [head_as_image(p) for p in raw] if target == "head" else feats
+    if target == "head":
+        maps = [head_as_image(p) for p in teacher(x)[1]]  # eval mode: (decoded, raw)
+    else:
+        maps = teacher.features(x)  # the neck only: Detect is skipped
     return [maps[j].float() for j in levels]
 
 

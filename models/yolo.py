@@ -200,7 +200,12 @@ class DetectionModel(nn.Module):
         out, feats = self._forward_once(x)
         return (out, feats) if return_features else out
 
-    def _forward_once(self, x):
+    def features(self, x):
+        """Only the maps Detect consumes (one [bs, c_i, ny_i, nx_i] per level): Detect is not run, which
+        spares a frozen teacher its head and box decoding when only its neck is imitated."""
+        return self._forward_once(x, stop_at_detect=True)[1]
+
+    def _forward_once(self, x, stop_at_detect=False):
         y, feats = [], None
         detect = self.model[-1]
         for m in self.model:
@@ -208,6 +213,8 @@ class DetectionModel(nn.Module):
                 x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
             if m is detect:
                 feats = list(x)  # one [bs, c_i, ny_i, nx_i] per level
+                if stop_at_detect:
+                    return None, feats
             x = m(x)
             y.append(x if m.i in self.save else None)  # keep only outputs used later
         return x, feats

@@ -154,6 +154,20 @@ def test_return_features_are_the_tensors_detect_consumed():
         assert raw[0].shape[2:4] == feats[0].shape[2:4]
 
 
+def test_features_only_skips_detect():
+    """model.features(x): the same maps as return_features, and Detect never runs."""
+    model = DetectionModel(small_cfg()).eval()
+    calls = []
+    model.model[-1].register_forward_pre_hook(lambda m, args: calls.append(1))
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        want = model(x, return_features=True)[1]
+        calls.clear()
+        got = model.features(x)
+    assert not calls and len(got) == 3
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_fuse_keeps_outputs():
     torch.manual_seed(1)
     model = DetectionModel(small_cfg())
