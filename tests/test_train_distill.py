@@ -1,14 +1,20 @@
-"""Distillation through train_distill.py: teacher kinds, checkpoint contents, mismatch errors, resume."""
+"""Distillation through train_distill.py: teacher kinds, checkpoint contents, mismatch errors, resume, DDP."""
+import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train_distill
-from models.checkpoint import load_model, save_checkpoint
+from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models.yolo import DetectionModel
 from tests.conftest import killed_after_first_epoch, tiny_cfg_dict
 from utils.distill import FeatureImitation
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_teacher(path, base="yolov5s.yaml", width=0.25, nc=6, anchors=None):
@@ -147,3 +153,25 @@ def test_resume_of_a_distilling_run_keeps_the_adapters(tiny_data, tiny_cfg, tmp_
     opt = train_distill.run(resume=str(last))
     assert opt.teacher == str(teacher) and loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k].float()) for k in saved)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test uses localhost TCP")
+def test_ddp_two_process_distillation(tiny_data, tiny_cfg, tmp_path):
+    """torchrun with a teacher: each rank loads its own teacher and the adapters train inside the DDP
+    wrapper with the student; one run folder, a non-zero imitation loss, and a finished checkpoint that
+    records the teacher and is stripped to the plain student."""
+    teacher = make_teacher(tmp_path / "t.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           "train_distill.py", "--cfg", str(tiny_cfg), "--data", str(tiny_data), "--imgsz", "64", "--batch-size", "8",
+           "--epochs", "1", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "kd",
+           "--noplots", "--noautoanchor", "--teacher", str(teacher), "--distill-warmup", "0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kd"]
+    d = tmp_path / "runs" / "kd"
+    rows = list(csv.DictReader(open(d / "results.csv")))
+    assert len(rows) == 1 and float(rows[0]["train/kd_loss"]) > 0
+    ckpt = load_checkpoint(d / "weights" / "last.pt")
+    assert ckpt["distill"]["teacher"] == str(teacher)
+    assert ckpt.get("adapters") is None  # a finished run's checkpoint is stripped to the plain student
