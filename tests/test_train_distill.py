@@ -107,6 +107,16 @@ def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
     assert (Path(opt.save_dir) / "weights/best.pt").is_file()
 
 
+def test_upstream_checkpoint_as_teacher(tiny_data, tiny_cfg, tmp_path):
+    """An upstream-format file (a pickle of upstream model objects, read by the restricted unpickler) works
+    as --teacher: its nc (3) differs from the data's, so the neck is imitated through adapters."""
+    teacher = ROOT / "tests" / "fixtures" / "upstream_yolov5n_nc3.pt"
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher)
+    rows = list(csv.DictReader(open(Path(opt.save_dir) / "results.csv")))
+    assert float(rows[-1]["train/kd_loss"]) > 0
+    assert load_checkpoint(Path(opt.save_dir) / "weights" / "best.pt")["distill"]["teacher"] == str(teacher)
+
+
 def test_p6_teacher_imitates_the_matching_levels(tiny_data, tiny_cfg, tmp_path, monkeypatch):
     teacher = make_teacher(tmp_path / "p6.pt", base="yolov5s6.yaml", width=0.125)
     seen = {}
