@@ -33,14 +33,9 @@ sys.path.insert(0, str(ROOT))
 import train_distill  # noqa: E402
 import val  # noqa: E402
 from benchmarks.mask_speed import ANCHORS, STRIDES, random_targets  # noqa: E402
-from benchmarks.speed import quiet_log  # noqa: E402
-from models.checkpoint import save_checkpoint  # noqa: E402
-from models.yolo import DetectionModel  # noqa: E402
-from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
+from benchmarks.speed import quiet_log, step_setup  # noqa: E402
+from utils.dataloaders import check_dataset  # noqa: E402
 from utils.distill import imitation_masks  # noqa: E402
-from utils.files import find_file, yaml_load  # noqa: E402
-from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
-from utils.torch_utils import init_seeds  # noqa: E402
 
 
 def timed_ms(fn, dev, repeats):
@@ -80,24 +75,15 @@ def mask_checks(dev, imgsz, repeats):
     return equal, no_sync, timed_ms(call, dev, repeats), len(targets)
 
 
-def step_checks(dev, imgsz, batch, teacher_pt, repeats):
+def step_checks(dev, imgsz, batch, repeats):
     """Median ms of (a) plain, (b) distilled, (c) teacher forward, with AMP on CUDA; and sanity of (b)."""
     data = check_dataset("shapes.yaml")
-    init_seeds(0)
-    loader = create_dataloader(data["train"], imgsz, batch, 32, hyp="hyp.scratch-low.yaml", augment=True,
-                               workers=0, shuffle=True, seed=0, nc=data["nc"])[0]
-    imgs, targets, *_ = next(iter(loader))
-    imgs, targets = imgs.to(dev).float() / 255, targets.to(dev)
-    student = DetectionModel("yolov5n.yaml", nc=data["nc"]).to(dev).train()
-    raw_hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
-    student.nc, student.hyp = data["nc"], scale_loss_gains(raw_hyp, nl=3, nc=data["nc"], imgsz=imgsz)
-    opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
-                                        "--distill-warmup", "0"])
-    teacher, levels = train_distill.load_teacher(opt, student, dev)
-    imitation = train_distill.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"]).to(dev)
+    tmp = Path(tempfile.mkdtemp(prefix="cuda_smoke_"))
+    imgs, targets, student, compute_loss, variant, teacher_pt = step_setup(data, imgsz, batch, tmp, dev)
+    opt, teacher, levels, imitation = variant()
     module = train_distill.StudentWithImitation(student, imitation, opt.distill_target)
     plain = train_distill.StudentWithImitation(student, None)
-    compute_loss, amp = ComputeLoss(student), dev.type == "cuda"
+    amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     seen = {}
 
@@ -109,7 +95,7 @@ def step_checks(dev, imgsz, batch, teacher_pt, repeats):
                 t_feats = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
                 pred, kd, _ = module(imgs, targets, t_feats, 0)
             else:
-                (pred, kd, _), t_feats = plain(imgs, targets), None
+                pred, kd, _ = plain(imgs, targets)
             loss = compute_loss(pred, targets)[0]
             if kd is not None:
                 loss = loss + kd.float() * imgs.shape[0]
@@ -124,7 +110,7 @@ def step_checks(dev, imgsz, batch, teacher_pt, repeats):
          "c": timed_ms(teacher_only, dev, repeats)}
     grads_finite = all(torch.isfinite(p.grad).all() for p in list(student.parameters()) + list(imitation.parameters())
                        if p.grad is not None)
-    return t, next(teacher.parameters()).dtype, float(seen["kd"]), grads_finite, len(targets)
+    return t, next(teacher.parameters()).dtype, float(seen["kd"]), grads_finite, len(targets), teacher_pt
 
 
 def train_checks(dev_arg, imgsz, batch, teacher_pt, out):
@@ -155,9 +141,6 @@ def main():
     dev = torch.device("cpu" if opt.device == "cpu" else f"cuda:{opt.device}")
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_pt = Path(tempfile.mkdtemp(prefix="cuda_smoke_")) / "teacher_yolov5s.pt"
-    torch.manual_seed(0)
-    save_checkpoint(teacher_pt, DetectionModel("yolov5s.yaml", nc=6))  # untrained: the plumbing is what is checked
 
     rows, failed = [], []
 
@@ -170,7 +153,8 @@ def main():
         check("imitation_masks on the device equal the CPU masks", equal, f"batch 16 at {opt.mask_imgsz}, {nbox} boxes")
         check("imitation_masks: no host sync (warm call)", no_sync in (True, "n/a on CPU"), str(no_sync))
         rows.append(("imitation_masks ms per call (median)", "", f"{mask_ms:.2f} ms"))
-        t, t_dtype, kd, grads_finite, ntgt = step_checks(dev, opt.imgsz, opt.batch, teacher_pt, opt.repeats)
+        # untrained teacher (speed.step_setup): the plumbing is what is checked
+        t, t_dtype, kd, grads_finite, ntgt, teacher_pt = step_checks(dev, opt.imgsz, opt.batch, opt.repeats)
         check("teacher dtype (fp16 on CUDA)", t_dtype == (torch.float16 if dev.type == "cuda" else torch.float32),
               str(t_dtype))
         check("distilled step: imitation loss finite and > 0, gradients finite",

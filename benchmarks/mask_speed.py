@@ -84,7 +84,7 @@ def main():
 
     # The student step runs first: besides giving the reference time, its large tensors set the process's
     # allocator state as in training (after them, glibc serves the masks' few-hundred-kB temporaries from its
-    # heap instead of fresh mmap pages, which here costs up to 1 ms of page faults per call).
+    # heap instead of fresh mmap pages, whose page faults inflated the masks' time here).
     fb = student_step_ms(opt.batch, opt.imgsz, opt.fb_repeat) if opt.fb_repeat else float("nan")
     for kind in ("fine", "gt"):  # the timed functions agree with the reference on this batch
         ref = per_level(imitation_mask_reference, kind)

@@ -107,35 +107,43 @@ def mask_row(batch, imgsz, repeats, fb_repeat, seed=0):
     return t["fast"], t["ref"], fb, len(targets)
 
 
-def step_rows(data, imgsz, batch, repeats, tmp):
-    """Median ms of the training-step variants (keys a..g, see the module docstring), built as train_distill
-    builds them, and the mask coverage (% of cells per level) of the benchmark batch."""
+def step_setup(data, imgsz, batch, tmp, device=torch.device("cpu")):
+    """The benchmark's training batch and models, built as train_distill builds them, on `device`:
+    (imgs, targets, student with its loss, variant). The batch is the same mosaic on every run; the
+    teacher is an untrained yolov5s with the student's nc and default anchors (so head mode works).
+    variant(*flags) -> (opt, teacher, levels, imitation) for the trainer's defaults plus flags, warm-up 0
+    so the imitation term is on from the first step."""
     nc = data["nc"]
-    init_seeds(0)  # the same mosaic batch (boxes, coverage) on every run
+    init_seeds(0)
     loader = create_dataloader(data["train"], imgsz, batch, 32, hyp="hyp.scratch-low.yaml", augment=True,
                                workers=0, shuffle=True, seed=0, nc=nc)[0]
     imgs, targets, *_ = next(iter(loader))
-    imgs = imgs.float() / 255
+    imgs, targets = imgs.to(device).float() / 255, targets.to(device)
 
     torch.manual_seed(0)
     teacher_pt = tmp / "teacher_yolov5s.pt"
-    save_checkpoint(teacher_pt, DetectionModel("yolov5s.yaml", nc=nc))  # default anchors, same nc: head mode works
-    student = DetectionModel("yolov5n.yaml", nc=nc).train()
+    save_checkpoint(teacher_pt, DetectionModel("yolov5s.yaml", nc=nc))
+    student = DetectionModel("yolov5n.yaml", nc=nc).to(device).train()
     raw_hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
-
-    def variant(*flags):
-        """(opt, teacher, levels, imitation) for the trainer's defaults plus flags; warm-up 0, so the
-        imitation term is on from the first step."""
-        opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
-                                            "--distill-warmup", "0", *flags])
-        teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
-        return opt, teacher, levels, train_distill.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"])
-
-    s_det = student.model[-1]
-    hyp = scale_loss_gains(raw_hyp, nl=s_det.nl, nc=nc, imgsz=imgsz)
+    hyp = scale_loss_gains(raw_hyp, nl=student.model[-1].nl, nc=nc, imgsz=imgsz)
     hyp["label_smoothing"] = 0.0
     student.nc, student.hyp = nc, hyp
-    compute_loss = ComputeLoss(student)
+
+    def variant(*flags):
+        opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
+                                            "--distill-warmup", "0", *flags])
+        teacher, levels = train_distill.load_teacher(opt, student, device)
+        imitation = train_distill.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"])
+        return opt, teacher, levels, imitation.to(device)
+
+    return imgs, targets, student, ComputeLoss(student), variant, teacher_pt
+
+
+def step_rows(data, imgsz, batch, repeats, tmp):
+    """Median ms of the training-step variants (keys a..g, see the module docstring), built as train_distill
+    builds them, and the mask coverage (% of cells per level) of the benchmark batch."""
+    imgs, targets, student, compute_loss, variant, _ = step_setup(data, imgsz, batch, tmp)
+    s_det = student.model[-1]
     plain = train_distill.StudentWithImitation(student, None)
 
     def distilled_step(opt, teacher, levels, imitation, fixed_teacher_maps=None):
