@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated shapes set and a tiny model config, made once per test session."""
+import csv
 import os
 from pathlib import Path
 
@@ -69,3 +70,9 @@ def killed_after_first_epoch(monkeypatch, train_call):
     with pytest.raises(KeyboardInterrupt):
         train_call()
     monkeypatch.setattr(validate, "run", real_val)
+
+
+def read_csv(path) -> list[dict]:
+    """Rows of a csv file (e.g. a run's results.csv) as dicts."""
+    with open(path) as f:
+        return list(csv.DictReader(f))

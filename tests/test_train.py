@@ -1,5 +1,4 @@
 """Plain training (train_distill.py without --teacher): artefacts, resume, bad input, non-finite guard, DDP."""
-import csv
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 import train_distill
-from tests.conftest import killed_after_first_epoch
+from tests.conftest import killed_after_first_epoch, read_csv
 from models.checkpoint import load_model
 from utils.files import ROOT
 
@@ -19,11 +18,6 @@ def tiny_run(tiny_data, tiny_cfg, tmp_path, **kw):
                 project=str(tmp_path / "runs"), name="exp", noplots=True, noautoanchor=True)
     args.update(kw)
     return train_distill.run(**args)
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_two_epochs_write_every_artefact(tiny_data, tiny_cfg, tmp_path):

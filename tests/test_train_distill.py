@@ -1,5 +1,4 @@
 """Distillation through train_distill.py: teacher kinds, checkpoint contents, mismatch errors, resume, DDP."""
-import csv
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 import train_distill
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models.yolo import DetectionModel
-from tests.conftest import killed_after_first_epoch, tiny_cfg_dict
+from tests.conftest import killed_after_first_epoch, read_csv, tiny_cfg_dict
 from utils.distill import FeatureImitation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +111,7 @@ def test_upstream_checkpoint_as_teacher(tiny_data, tiny_cfg, tmp_path):
     as --teacher: its nc (3) differs from the data's, so the neck is imitated through adapters."""
     teacher = ROOT / "tests" / "fixtures" / "upstream_yolov5n_nc3.pt"
     opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher)
-    rows = list(csv.DictReader(open(Path(opt.save_dir) / "results.csv")))
+    rows = read_csv(Path(opt.save_dir) / "results.csv")
     assert float(rows[-1]["train/kd_loss"]) > 0
     assert load_checkpoint(Path(opt.save_dir) / "weights" / "best.pt")["distill"]["teacher"] == str(teacher)
 
@@ -180,7 +179,7 @@ def test_ddp_two_process_distillation(tiny_data, tiny_cfg, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kd"]
     d = tmp_path / "runs" / "kd"
-    rows = list(csv.DictReader(open(d / "results.csv")))
+    rows = read_csv(d / "results.csv")
     assert len(rows) == 1 and float(rows[0]["train/kd_loss"]) > 0
     ckpt = load_checkpoint(d / "weights" / "last.pt")
     assert ckpt["distill"]["teacher"] == str(teacher)
