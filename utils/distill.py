@@ -191,6 +191,7 @@ def _layout(hws, strides, batch_size, device):
 
     return SimpleNamespace(
         lvl_r=lvl_r, cy=cy, s_r=s_r, w_r=w_r, base_r=base_r, step_r=step_r, cx=cx,
+        base_f=base_r.float(), step_f=step_r.float(),  # exact while size < 2 ** 24
         ws=[w for _, w in hws], levels=levels, size=off,
         zero=torch.zeros((), device=device), scale=_input_scale(strides[0], *hws[0], device),
         # _peak_overlap, per candidate cell k = (level, j): level, 1 / (2 stride), j - 1, stride, last x/y cell
@@ -199,26 +200,28 @@ def _layout(hws, strides, batch_size, device):
         s_k=tensor([s for s in strides for _ in range(3)]),
         last_k=tensor([[w - 1 for _, w in hws for _ in range(3)],
                        [h - 1 for h, _ in hws for _ in range(3)]]).view(2, 1, 1, 3 * n_lvl),
-        # _fine_rows, per side (0: interval start, from r[x]; 1: end, from l[x] mirrored to -x)
+        # _fine_rows: the ulp steps of the I* search, then per side (0: interval start, from r[x]; 1: end,
+        # from l[x] mirrored to -x)
+        ulps=torch.arange(-8, 9, dtype=torch.int32, device=device),
         sgn2=tensor([[1.0], [-1.0]]), half_sgn=per_side(0.5, -0.5),
         kappa=per_side(1.0 - 0.5 - _SLACK, 1.0 + 0.5 - _SLACK) * s_r,  # (1 - sign/2 - slack) * stride
         y_min=per_side(-1.0, -(wmax + 2.0)), y_max=per_side(wmax + 2.0, 1.0),
         # _paint: clip bounds (lo and stop in [0, w]) and the +1/-1 of each side
-        clip_min=torch.stack((torch.zeros_like(w_r), 1 - w_r)).view(2, 1, 1, n_rows),
-        clip_max=torch.stack((w_r, torch.ones_like(w_r))).view(2, 1, 1, n_rows),
+        clip_min=torch.stack((torch.zeros_like(w_r), 1 - w_r)).view(2, 1, n_rows),
+        clip_max=torch.stack((w_r, torch.ones_like(w_r))).view(2, 1, n_rows),
         pm=torch.tensor([1, -1], dtype=torch.int32, device=device).view(2, 1, 1))
 
 
-def _below(p, t):
-    """-1.0 where p < t else 0.0, overwriting p (float). Exact: the rounded p - t is < 0 iff p < t. In-place
-    arithmetic because on CPU a comparison to bool and back to float costs several times more."""
-    return p.sub_(t).sign_().clamp_(max=0)
+def _less(p, t):
+    """1.0 where p < t else 0.0, written over p (float). A comparison into a float `out` on CPU costs about
+    half of in-place arithmetic (p - t, sign, clamp) and a small fraction of a bool result cast back."""
+    return torch.lt(p, t, out=p)
 
 
-def _ulp_window(x, k):
-    """Floats around positive x: x stepped by -k..k units in the last place (via the bit pattern), [..., 2k+1]."""
+def _ulp_window(x, steps):
+    """Floats around positive x: x stepped by `steps` (int32, e.g. -8..8) units in the last place, [..., len(steps)]."""
     bits = x.clamp(min=1e-30, max=1e30).view(torch.int32)  # positive finite floats order like their bits
-    return (bits[..., None] + torch.arange(-k, k + 1, device=x.device, dtype=torch.int32)).view(torch.float32)
+    return (bits[..., None] + steps).view(torch.float32)
 
 
 def _peak_overlap(lay, a, b1, b2, blen):
@@ -265,7 +268,7 @@ def _fine_rows(lay, anchors, box, thresh):
     best = peak_y * peak_x  # the best intersection: IoU rises with it at fixed areas
     s = _union_base(a[0] * a[1], blen[0] * blen[1])  # [n, na, L]
     f = thresh * (best / (s - best)).amax(1, keepdim=True)  # F per box and level, [n, 1, L]
-    cand = _ulp_window(f * s / (1 + f), 8)  # [n, na, L, 17] floats around the real root of I / (S - I) = F
+    cand = _ulp_window(f * s / (1 + f), lay.ulps)  # [n, na, L, 17] floats around the real root of I / (S - I) = F
     above = cand / (s[..., None] - cand) > f[..., None]  # False..False True..True
     i_star = cand.gather(-1, (~above).sum(-1, keepdim=True).clamp_(max=cand.shape[-1] - 1))[..., 0]
     i_star = i_star.index_select(-1, lay.lvl_r)  # [n, na, R]
@@ -281,9 +284,9 @@ def _fine_rows(lay, anchors, box, thresh):
     u = (q + (lay.kappa - half_r[0])).add_(sb).div_(lay.s_r)  # [2, n, na, R]
     y = u.clamp_(min=lay.y_min, max=lay.y_max).floor_()
     g = (y + lay.half_sgn).mul_(lay.s_r).add_(half_r[0]).sub_(sb).mul_(v)  # v * g[y0], exactly as `_reach`
-    y.sub_(_below(g, i_star))
+    y.add_(_less(g, i_star))
     # v*a_w >= I* and v*b_w >= I*, else empty (both sides pushed out)
-    return y.add_(_below(v.mul_(torch.minimum(a_r[0], blen[0])), i_star), alpha=-_BIG)
+    return y.add_(_less(v.mul_(torch.minimum(a_r[0], blen[0])), i_star), alpha=_BIG)
 
 
 def _gt_rows(lay, box):
@@ -303,27 +306,27 @@ def _paint(lay, img, y, batch_size):
     [bs, h_l, w_l] mask per level: +1 at lo, -1 at stop, cumulative sum along x. Empty (stop <= lo) or
     off-map parts add nothing, and so do boxes of images outside [0, batch_size). Overwrites y.
 
-    The k intervals of a (box, row) are first merged into one, [min lo, max stop) over the non-empty ones
-    (clipped to the row), which costs a few ops on [2, n, k, R] and saves k - 1 of every later op. Exact for
-    the anchors' intervals of `_fine_rows`: each non-empty one holds one of the two cells whose centres
-    bracket the box centre (its ovx is unimodal with the maximum there, see `_peak_overlap`), so any union
-    of them is an interval.
+    The k intervals of a (box, row) are first merged into one, [min lo, max stop) over the non-empty ones,
+    which costs a few ops on [2, n, k, R] and saves k - 1 of every later op. Exact for the anchors'
+    intervals of `_fine_rows`: each non-empty one holds one of the two cells whose centres bracket the box
+    centre (its ovx is unimodal with the maximum there, see `_peak_overlap`), so any union of them is an
+    interval. Clipping to the row comes after the merge: clipping is intersecting with [0, w), which
+    distributes over the union.
     """
-    y = y.clamp_(min=lay.clip_min, max=lay.clip_max)  # lo, stop in [0, w]
     if y.shape[2] > 1:  # float arithmetic only: on CPU, bool masks (masked_fill, where) cost 20x more
-        g = _below(y[0] + y[1], 1.0)  # -1 where lo < stop (non-empty), else 0
-        y = y.add_(g, alpha=_BIG).amin(2).add_(_BIG)  # [2, n, R]; lo, stop of the union; all empty: lo, -stop >= BIG
+        nonempty = _less(y[0] + y[1], 1.0)  # 1 where lo < stop, else 0
+        y = y.sub_(nonempty, alpha=_BIG).amin(2).add_(_BIG)  # [2, n, R]; all empty: lo, 1 - stop beyond the row
     else:
         y = y[:, :, 0]
-    stray = ((img < 0) | (img >= batch_size)).float()[:, None]  # [n, 1]
-    y.add_(stray, alpha=_BIG)  # their intervals become empty
-    lo, stop = y.unbind(0)
-    stop.neg_().add_(1)
-    torch.maximum(stop, lo, out=stop)  # = lo for empty intervals: +1 and -1 cancel
-    y = torch.minimum(y, lay.w_r, out=y)
-    base = lay.base_r + img.clamp(0, batch_size - 1)[:, None] * lay.step_r  # offset of (image, row), [n, R]
-    exact = lay.size < 2 ** 24  # offsets are exact in float32: add them before the (costly) int64 cast
-    idx = y.add_(base.float()).long() if exact else y.long().add_(base)
+    img_in = img.clamp(0, batch_size - 1)
+    y.add_((img_in != img)[:, None], alpha=_BIG)  # boxes of other images: empty intervals
+    y = y.clamp_(min=lay.clip_min, max=lay.clip_max)  # lo, stop in [0, w]
+    stop = y[1].neg_().add_(1)
+    torch.maximum(stop, y[0], out=stop)  # = lo for empty intervals: +1 and -1 cancel
+    if lay.size < 2 ** 24:  # offsets of (image, row) are exact in float32: add them before the (costly) int64 cast
+        idx = y.add_(torch.addcmul(lay.base_f, img_in[:, None], lay.step_f)).long()
+    else:
+        idx = y.long().add_(lay.base_r + img_in[:, None] * lay.step_r)
     diff = torch.zeros(lay.size, dtype=torch.int32, device=img.device)
     diff.scatter_add_(0, idx.view(-1), lay.pm.expand(idx.shape).reshape(-1))
     counts = diff.cumsum(0, dtype=torch.int32).bool()  # each row's +1/-1 pairs sit inside the row: no carry-over
