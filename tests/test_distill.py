@@ -189,6 +189,31 @@ def test_mask_edge_cases():
         imitation_mask(border, a, s, (8, 8), 1, thresh=0.0)
 
 
+@pytest.mark.parametrize("copies", [1, 255, 256, 257])
+def test_mask_many_boxes_on_the_same_cells(copies):
+    """A cell's painted count is the number of boxes covering it: byte counters (used below 256 boxes) and
+    int32 ones (from 256 on) must not let a multiple of 256 read as 'not covered'."""
+    a, s = ANCHORS[0], 8
+    box = torch.tensor([[1, 0, 0.4, 0.6, 0.3, 0.2]])
+    one = imitation_masks(box, [a], [s], [(8, 8)], 2)[0]
+    assert one[1].any() and not one[0].any()
+    stacked = imitation_masks(box.repeat(copies, 1), [a], [s], [(8, 8)], 2)[0]
+    assert torch.equal(stacked, one), copies
+    stacked_gt = imitation_masks(box.repeat(copies, 1), [a], [s], [(8, 8)], 2, kind="gt")[0]
+    assert torch.equal(stacked_gt, imitation_masks(box, [a], [s], [(8, 8)], 2, kind="gt")[0])
+
+
+def test_masks_equal_reference_on_a_crowded_batch():
+    """Above 255 boxes (int32 counters), every level at once."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.cat([random_targets(g, bs=3, max_boxes=150) for _ in range(5)])  # images 1, 2 get many boxes
+    assert len(t) >= 256
+    for kind in ("fine", "gt"):
+        masks = imitation_masks(t, ANCHORS, STRIDES, [(12, 16), (6, 8), (3, 4)], 3, kind=kind)
+        for m, a, s, hw in zip(masks, ANCHORS, STRIDES, [(12, 16), (6, 8), (3, 4)]):
+            assert torch.equal(m, imitation_mask_reference(t, a, s, hw, 3, kind=kind))
+
+
 def test_mask_anchor_t_assigns_boxes_to_levels():
     """A 300 px box matches only the stride-32 anchors (ratio < 4), a 20 px box only the stride-8 ones."""
     t = torch.tensor([[0, 0, 0.5, 0.5, 300 / 640, 300 / 640], [1, 0, 0.5, 0.5, 20 / 640, 20 / 640]])
