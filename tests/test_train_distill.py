@@ -99,6 +99,22 @@ def test_teacher_is_frozen_fused_and_gives_the_same_maps(tmp_path):
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, want))
 
 
+
+@pytest.mark.parametrize("target", ["neck", "head"])
+def test_fp16_teacher_takes_float_images_and_gives_float32_maps(tmp_path, target):
+    """On CUDA load_teacher halves the teacher; teacher_features then feeds it fp16 images and hands float32
+    maps to the loss. Checked here on the CPU (fp16 convs run there too, slowly) against the fp32 teacher."""
+    path = make_teacher(tmp_path / "t.pt")
+    student = DetectionModel(tiny_cfg_dict("yolov5n.yaml", width=0.25, nc=6))
+    opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64"])
+    teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
+    x = torch.rand(2, 3, 64, 64)
+    want = train_distill.teacher_features(teacher, x, levels, target)
+    got = train_distill.teacher_features(teacher.half(), x, levels, target)
+    assert next(teacher.parameters()).dtype == torch.float16
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-3  # fp16 rounding only
 def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
     teacher = make_teacher(tmp_path / "coco_like.pt", nc=80)
     opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher)
