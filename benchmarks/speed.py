@@ -2,7 +2,8 @@
 
 Rows (CPU, untrained weights: speed does not depend on their values):
   1. utils.distill.imitation_masks (3 levels at once) vs imitation_mask_reference level by level (the
-     per-image, per-box loop), random boxes (0..20 per image); also as % of a yolov5s forward+backward.
+     per-image, per-box loop) and vs the same definition with box_iou per box (the original code's form),
+     random boxes (0..20 per image); also as % of a yolov5s forward+backward.
   2. a training step at --imgsz/--batch on a real mosaic batch of shapes.yaml, yolov5n student, yolov5s
      teacher, nc=6, through train_distill's own pieces (StudentWithImitation, teacher_features,
      load_teacher, build_imitation with the trainer's defaults and warm-up 0): (a) plain = forward +
@@ -46,7 +47,8 @@ import detect  # noqa: E402
 import train_distill  # noqa: E402
 import val  # noqa: E402
 from benchmarks.loader_speed import loader_rate  # noqa: E402
-from benchmarks.mask_speed import ANCHORS, STRIDES, elapsed_ms, random_targets, student_step_ms  # noqa: E402
+from benchmarks.mask_speed import (ANCHORS, STRIDES, box_iou_loop_mask, elapsed_ms, random_targets,  # noqa: E402
+                                   student_step_ms)
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
@@ -93,7 +95,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
 
 
 def mask_row(batch, imgsz, repeats, fb_repeat, seed=0):
-    """(fast ms, reference ms, yolov5s forward+backward ms, number of boxes) for the three levels."""
+    """(fast ms, reference ms, box_iou loop ms, yolov5s forward+backward ms, number of boxes), three levels."""
     fb = student_step_ms(batch, imgsz, fb_repeat)  # first: leaves the allocator as training does (see mask_speed)
     targets = random_targets(batch, 20, seed)
     anchors = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in ANCHORS]
@@ -103,8 +105,10 @@ def mask_row(batch, imgsz, repeats, fb_repeat, seed=0):
                    for a, s, hw in zip(anchors, STRIDES, hws)]
     if not all(torch.equal(x, y) for x, y in zip(fast(), ref())):
         raise AssertionError("imitation_masks differs from imitation_mask_reference on the benchmark batch")
-    t = interleaved_medians({"fast": fast, "ref": ref}, repeats)
-    return t["fast"], t["ref"], fb, len(targets)
+    plain = lambda: [box_iou_loop_mask(targets, a, s, hw, batch)  # noqa: E731
+                     for a, s, hw in zip(anchors, STRIDES, hws)]
+    t = interleaved_medians({"fast": fast, "ref": ref, "plain": plain}, repeats)
+    return t["fast"], t["ref"], t["plain"], fb, len(targets)
 
 
 def step_setup(data, imgsz, batch, tmp, device=torch.device("cpu")):
@@ -236,12 +240,14 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="speed_"))
     rows = []  # (row, what, setting, value, ratio / check)
 
-    fast, ref, fb, nbox = mask_row(mask_bs, mask_sz, 3 * repeats, 1 if q else 2)
+    fast, ref, plain, fb, nbox = mask_row(mask_bs, mask_sz, 3 * repeats, 1 if q else 2)
     setting = f"batch {mask_bs} at {mask_sz}, {nbox} boxes, 3 levels"
     rows += [("1", "imitation_mask_reference, per level (loop)", setting, f"{ref:.2f} ms", ""),
+             ("1", "same definition with box_iou per box (the original code's loop)", setting,
+              f"{plain:.2f} ms", ""),
              ("1", "imitation_masks, 3 levels at once", setting, f"{fast:.2f} ms",
-              f"{ref / fast:.0f}x faster than the loop; {100 * fast / fb:.3f}% of a yolov5s fwd+bwd "
-              f"({fb:.0f} ms, best of {1 if q else 2})")]
+              f"{ref / fast:.0f}x faster than the loop ({plain / fast:.0f}x the box_iou loop); "
+              f"{100 * fast / fb:.3f}% of a yolov5s fwd+bwd ({fb:.0f} ms, best of {1 if q else 2})")]
 
     with quiet_log():
         t, cover, ntgt = step_rows(data, imgsz, batch, repeats, tmp)
