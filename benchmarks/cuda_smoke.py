@@ -57,11 +57,13 @@ def mask_checks(dev, imgsz, repeats):
     targets = random_targets(16, 20, 0)
     anchors = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in ANCHORS]
     hws = [(imgsz // s, imgsz // s) for s in STRIDES]
-    want = imitation_masks(targets, anchors, STRIDES, hws, 16)
-    t_dev, a_dev = targets.to(dev), [a.to(dev) for a in anchors]
+    a_dev = [a.to(dev) for a in anchors]
+    crowded = random_targets(16, 60, 1)  # >= 256 boxes: the int32 counters (fewer: byte counters)
+    equal = all(torch.equal(w, g.cpu()) for t in (targets, crowded)
+                for w, g in zip(imitation_masks(t, anchors, STRIDES, hws, 16),
+                                imitation_masks(t.to(dev), a_dev, STRIDES, hws, 16)))
+    t_dev = targets.to(dev)
     call = lambda: imitation_masks(t_dev, a_dev, STRIDES, hws, 16)  # noqa: E731
-    got = call()
-    equal = all(torch.equal(w, g.cpu()) for w, g in zip(want, got))
     no_sync = "n/a on CPU"
     if dev.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
@@ -72,7 +74,7 @@ def mask_checks(dev, imgsz, repeats):
             no_sync = f"False ({e})"
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return equal, no_sync, timed_ms(call, dev, repeats), len(targets)
+    return equal, no_sync, timed_ms(call, dev, repeats), f"{len(targets)} and {len(crowded)} boxes"
 
 
 def step_checks(dev, imgsz, batch, repeats):
@@ -150,7 +152,7 @@ def main():
 
     with quiet_log():
         equal, no_sync, mask_ms, nbox = mask_checks(dev, opt.mask_imgsz, opt.repeats)
-        check("imitation_masks on the device equal the CPU masks", equal, f"batch 16 at {opt.mask_imgsz}, {nbox} boxes")
+        check("imitation_masks on the device equal the CPU masks", equal, f"batch 16 at {opt.mask_imgsz}, {nbox}")
         check("imitation_masks: no host sync (warm call)", no_sync in (True, "n/a on CPU"), str(no_sync))
         rows.append(("imitation_masks ms per call (median)", "", f"{mask_ms:.2f} ms"))
         # untrained teacher (speed.step_setup): the plumbing is what is checked
