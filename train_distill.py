@@ -303,8 +303,8 @@ def train(hyp: dict, opt, device) -> tuple:
     if main_process:
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(save_dir))
-        if not (save_dir / "results.csv").exists():
-            with open(save_dir / "results.csv", "w", newline="") as f:
+        if not (opt.resume and (save_dir / "results.csv").exists()):  # a new run in a reused folder (--exist-ok)
+            with open(save_dir / "results.csv", "w", newline="") as f:  # starts its own table
                 csv.writer(f).writerow(CSV_KEYS)
 
     nw = max(round(hyp["warmup_epochs"] * nb), 100)  # warm-up iterations

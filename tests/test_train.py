@@ -52,6 +52,14 @@ def test_resume_continues_the_same_run(tiny_data, tiny_cfg, tmp_path, monkeypatc
     assert not (tmp_path / "runs" / "exp2").exists()
 
 
+def test_new_run_in_a_reused_folder_starts_its_own_results(tiny_data, tiny_cfg, tmp_path):
+    """--exist-ok reuses the run folder; the new run's results.csv must not continue the old run's rows."""
+    first = tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=1, exist_ok=True)
+    second = tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=1, exist_ok=True)
+    assert first.save_dir == second.save_dir
+    assert [int(r["epoch"]) for r in read_csv(Path(second.save_dir) / "results.csv")] == [0]
+
+
 def test_bare_resume_without_previous_run_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no previous run"):
         train_distill.run(resume=True, project=str(tmp_path / "nothing"))
