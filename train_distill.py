@@ -411,10 +411,12 @@ def train(hyp: dict, opt, device) -> tuple:
                     cover = mask_coverage(kd_stats["masks"])
                     kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
                     kd_n += 1
-                    tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
+                    if kd_stats["active"]:  # during warm-up the term is not computed
+                        tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
                     for s_, c_, l_ in zip(model.stride.tolist(), cover, kd_stats["per_level"].tolist()):
                         tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", c_, ni)
-                        tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
+                        if kd_stats["active"]:
+                            tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
         if stop and nonfinite:
             break
 

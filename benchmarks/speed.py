@@ -158,7 +158,7 @@ def step_rows(data, imgsz, batch, repeats, tmp):
             imitation.zero_grad(set_to_none=True)
             t_feats = fixed_teacher_maps or train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
             pred, kd_loss, stats = module(imgs, targets, t_feats, 0)
-            assert stats["masks"], "the imitation term is still in warm-up"
+            assert stats["active"], "the imitation term is still in warm-up"
             (compute_loss(pred, targets)[0] + kd_loss.float() * imgs.shape[0]).backward()
         return step
 

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny generated shapes set and a tiny model config, made once per test session."""
 import csv
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,29 @@ def read_csv(path) -> list[dict]:
     """Rows of a csv file (e.g. a run's results.csv) as dicts."""
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+@contextmanager
+def log_lines():
+    """Collect the project LOGGER's messages (it writes to stdout without propagating, so caplog misses them)."""
+    from utils.logging import LOGGER
+
+    lines = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    h = Grab(level=logging.DEBUG)
+    LOGGER.addHandler(h)
+    try:
+        yield lines
+    finally:
+        LOGGER.removeHandler(h)
+
+
+@pytest.fixture
+def logs():
+    """The LOGGER messages of the test (log_lines as a fixture)."""
+    with log_lines() as lines:
+        yield lines

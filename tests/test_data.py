@@ -1,7 +1,6 @@
 """Data layer: data yaml forms, label checks and their cache, the Dataset/DataLoader contract, shapes set."""
 import functools
 import json
-import logging
 import socket
 import zipfile
 from pathlib import Path
@@ -13,25 +12,9 @@ import torch
 
 import utils.dataloaders as dl
 from utils.dataloaders import check_dataset, create_dataloader, img2label_paths
-from utils.logging import LOGGER
 
 
 # ----------------------------------------------------------------------------- helpers
-
-@pytest.fixture
-def logs():
-    """Messages logged through the project LOGGER during the test."""
-    records = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    h = Collect()
-    LOGGER.addHandler(h)
-    yield records
-    LOGGER.removeHandler(h)
-
 
 def write_pair(root, split, name, label=None, w=96, h=64, colour=(200, 60, 30)):
     """An image root/images/split/name.jpg with a filled box per label row; label text as given (None: no file)."""

@@ -1,7 +1,5 @@
 """detect.py and utils/sources.py: outputs and label format, .pt vs .onnx, video, filters, bad sources."""
-import logging
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -10,9 +8,9 @@ import pytest
 import torch
 
 import detect
+from tests.conftest import log_lines
 from utils import sources
 from utils.files import find_file, yaml_load
-from utils.logging import LOGGER
 
 NAMES = ["circle", "square", "star"]
 IMGSZ = 96
@@ -66,23 +64,6 @@ def write_video(path, n=6, size=(128, 96), fps=12.0, seed=0):
         vw.write(cv2.GaussianBlur(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), (9, 9), 3))
     vw.release()
     return path
-
-
-@contextmanager
-def log_lines():
-    """Collect LOGGER messages (it writes to stdout without propagating)."""
-    lines = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    h = Grab(level=logging.DEBUG)
-    LOGGER.addHandler(h)
-    try:
-        yield lines
-    finally:
-        LOGGER.removeHandler(h)
 
 
 

@@ -355,12 +355,13 @@ def test_feature_imitation_module():
     anchors = [a.clone() for a in ANCHORS]
 
     loss, stats = fi(sf, tf, targets, anchors, torch.tensor([8.0, 16.0, 32.0]), iteration=0)  # warming up
-    assert loss.item() == 0.0 and loss.requires_grad and stats["masks"] == []
+    assert loss.item() == 0.0 and loss.requires_grad and not stats["active"]
+    assert torch.equal(stats["masks"][0], imitation_mask(targets, anchors[0], 8, (8, 8), 2))  # for plot and log
     loss.backward()
     assert sf[0].grad is not None and sf[1].grad is None  # connected to the imitated levels only
 
     loss, stats = fi(sf, tf, targets, anchors, [8, 16, 32], iteration=3)
-    assert loss.item() > 0 and stats["raw"].item() == pytest.approx(loss.item() / 0.5)
+    assert loss.item() > 0 and stats["raw"].item() == pytest.approx(loss.item() / 0.5) and stats["active"]
     assert stats["per_level"].shape == (2,) and len(stats["masks"]) == 2
     assert stats["masks"][0].shape == (2, 8, 8) and stats["masks"][1].shape == (2, 2, 2)
     assert torch.equal(stats["masks"][0], imitation_mask(targets, anchors[0], 8, (8, 8), 2))

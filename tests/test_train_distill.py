@@ -54,6 +54,17 @@ def test_distilled_student_checkpoint_is_a_plain_model(tiny_data, tiny_cfg, tmp_
     assert (d / "distill_masks.jpg").is_file()
 
 
+def test_mask_plot_and_coverage_during_the_warm_up(tiny_data, tiny_cfg, tmp_path, logs):
+    """With the default --distill-warmup (longer than this run) the imitation term stays zero, but the
+    first batch's mask plot is written and the coverage is logged."""
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, noplots=False, distill_warmup=100)
+    d = Path(opt.save_dir)
+    assert (d / "distill_masks.jpg").is_file()
+    assert all(float(r["train/kd_loss"]) == 0 for r in read_csv(d / "results.csv"))
+    assert any(m.startswith("distill: mask coverage") for m in logs)
+
+
 def test_head_mode_and_its_mismatch_error(tiny_data, tiny_cfg, tmp_path):
     anchors = tiny_cfg_dict()["anchors"]
     same = make_teacher(tmp_path / "same.pt", nc=6, anchors=anchors)

@@ -519,17 +519,19 @@ class FeatureImitation(nn.Module):
         the batch targets [n, 6], anchors in pixels per level ([na, 2] each), strides (Python numbers or a
         CPU tensor) and the global iteration. Before `warmup` iterations: a zero still connected to the
         student features and the adapters. stats: 'loss' (weighted), 'raw', 'per_level' (detached tensors),
-        'masks' (list of bool masks, empty during warm-up; pass to mask_coverage when logging)."""
+        'masks' (list of bool masks, also during warm-up, so the first batch's plot and the coverage log
+        exist from the start; pass to mask_coverage when logging); 'active' (False during warm-up)."""
         s = [student_feats[i] for i in self.levels]
+        masks = imitation_masks(targets, [anchors_px_per_level[i] for i in self.levels],
+                                [float(strides[i]) for i in self.levels], [x.shape[2:] for x in s], s[0].shape[0],
+                                self.thresh, self.kind, self.anchor_t)
         if iteration < self.warmup:
             zero = sum(x.float().sum() for x in s) * 0.0
             zero = zero + sum(p.sum() for p in self.parameters()) * 0.0
             z = zero.detach()
-            return zero, {"loss": z, "raw": z, "per_level": z.repeat(len(s)), "masks": []}
+            return zero, {"loss": z, "raw": z, "per_level": z.repeat(len(s)), "masks": masks, "active": False}
         t = [teacher_feats[i] for i in self.levels]
-        masks = imitation_masks(targets, [anchors_px_per_level[i] for i in self.levels],
-                                [float(strides[i]) for i in self.levels], [x.shape[2:] for x in t], t[0].shape[0],
-                                self.thresh, self.kind, self.anchor_t)
         raw, per_level = imitation_loss(s, t, masks, self.adapters, self.normalize)
         loss = raw * self.weight
-        return loss, {"loss": loss.detach(), "raw": raw.detach(), "per_level": per_level, "masks": masks}
+        return loss, {"loss": loss.detach(), "raw": raw.detach(), "per_level": per_level, "masks": masks,
+                      "active": True}
