@@ -110,9 +110,10 @@ def main():
     # allocator state as in training (after them, glibc serves the masks' few-hundred-kB temporaries from its
     # heap instead of fresh mmap pages, whose page faults inflated the masks' time here).
     fb = student_step_ms(opt.batch, opt.imgsz, opt.fb_repeat) if opt.fb_repeat else float("nan")
+    ref_masks = {}
     for kind in ("fine", "gt"):  # the timed functions agree with the reference on this batch
-        ref = per_level(imitation_mask_reference, kind)
-        fast = zip(ref, joint(kind), per_level(imitation_mask, kind))
+        ref_masks[kind] = per_level(imitation_mask_reference, kind)
+        fast = zip(ref_masks[kind], joint(kind), per_level(imitation_mask, kind))
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in fast)
     one_box = targets[:1]
     cases = {
@@ -132,11 +133,10 @@ def main():
             best[name] = min([best[name]] + [elapsed_ms(fn) for _ in range(5)])
     plain = "box_iou loop, per image and box (original form)"
     if opt.plain_rounds:
-        plain_masks = per_level(lambda *a, kind: box_iou_loop_mask(*a))
-        ref_masks = per_level(imitation_mask_reference)
-        agree = sum(int((p == r).sum()) for p, r in zip(plain_masks, ref_masks)) / sum(r.numel() for r in ref_masks)
-        best[plain] = min(elapsed_ms(lambda: per_level(lambda *a, kind: box_iou_loop_mask(*a)))
-                          for _ in range(opt.plain_rounds))
+        box_iou_loop = lambda: per_level(lambda *a, kind: box_iou_loop_mask(*a))  # noqa: E731
+        agree = (sum(int((p == r).sum()) for p, r in zip(box_iou_loop(), ref_masks["fine"])) /
+                 sum(r.numel() for r in ref_masks["fine"]))
+        best[plain] = min(elapsed_ms(box_iou_loop) for _ in range(opt.plain_rounds))
     best["yolov5s forward+backward"] = fb
 
     ref = best["imitation_mask_reference fine"]
