@@ -32,9 +32,24 @@ RELEASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0"
 OFFICIAL = {f"yolov5{s}{p6}.pt" for s in "nsmlx" for p6 in ("", "6")}
 
 
-# ---------------------------------------------------------------- saving
-def _plain(x, where="value"):
-    """Plain python/tensor types only, so the checkpoint loads with weights_only=True."""
+# ---------------------------------------------------------------- plain values
+MAX_DEPTH = 64  # nesting of a record's containers; upstream opt/hyp/yaml nest 4 deep at most
+MAX_ITEMS = 200_000  # values visited for one record (shared references count every time they are reached)
+
+
+class _NotPlain(ValueError):
+    """A value too deep, too large or self-referencing to turn into plain types."""
+
+
+def _plain(x, where="value", _budget=None, _depth=0, _open=frozenset()):
+    """Plain python/tensor types only, so the checkpoint loads with weights_only=True.
+
+    Bounded: more than MAX_DEPTH levels, more than MAX_ITEMS values or a container that contains itself
+    raise _NotPlain (a crafted file can hold a list that reaches itself, or 2**64 shared references)."""
+    budget = [MAX_ITEMS] if _budget is None else _budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _NotPlain(f"{where} holds more than {MAX_ITEMS} values")
     if x is None or type(x) in (bool, int, float, str):
         return x
     if isinstance(x, np.generic):  # before the float check: np.float64 subclasses float
@@ -44,15 +59,23 @@ def _plain(x, where="value"):
             return t(x)
     if isinstance(x, argparse.Namespace):
         x = vars(x)
-    if isinstance(x, dict):
-        return {(_plain(k) if isinstance(k, (int, str, np.generic)) else str(k)): _plain(v, f"{where}.{k}")
-                for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        v = [_plain(v, where) for v in x]
+    if isinstance(x, (dict, list, tuple)):
+        if id(x) in _open:
+            raise _NotPlain(f"{where} contains itself")
+        if _depth >= MAX_DEPTH:
+            raise _NotPlain(f"{where} is nested deeper than {MAX_DEPTH} levels")
+        inner = dict(_budget=budget, _depth=_depth + 1, _open=_open | {id(x)})
+        if isinstance(x, dict):
+            return {(_plain(k, where, **inner) if isinstance(k, (int, str, np.generic)) else str(k)):
+                    _plain(v, f"{where}.{k}", **inner) for k, v in x.items()}
+        v = [_plain(v, where, **inner) for v in x]
         return tuple(v) if type(x) is tuple else v
     if isinstance(x, Path):
         return str(x)
     if isinstance(x, np.ndarray):
+        if x.size > budget[0]:
+            raise _NotPlain(f"{where} holds more than {MAX_ITEMS} values")
+        budget[0] -= x.size
         return x.tolist()
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
@@ -60,11 +83,44 @@ def _plain(x, where="value"):
     return str(x)
 
 
+def _plain_record(x, where, path):
+    """A dict record read from a file (opt, hyp, distill, ...) as plain types, keeping what is usable: an
+    entry too deep, too large or self-referencing is dropped with a warning; a record that is not a dict
+    is kept if plain, else dropped. One budget of MAX_ITEMS values covers the whole record."""
+    budget = [MAX_ITEMS]
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    if not isinstance(x, dict):
+        try:
+            return _plain(x, where, budget)
+        except _NotPlain as e:
+            LOGGER.warning(f"WARNING ⚠️ {path}: {where} dropped ({e})")
+            return None
+    out = {}
+    for k, v in x.items():
+        key = k if isinstance(k, (int, str)) else str(k) if isinstance(k, (float, bool)) else None
+        if key is None:
+            LOGGER.warning(f"WARNING ⚠️ {path}: {where} entry with a {type(k).__name__} key dropped")
+            continue
+        try:
+            out[key] = _plain(v, f"{where}.{key}", budget)
+        except _NotPlain as e:
+            LOGGER.warning(f"WARNING ⚠️ {path}: {where}.{key} dropped ({e})")
+            if budget[0] < 0:
+                LOGGER.warning(f"WARNING ⚠️ {path}: the rest of {where} dropped ({MAX_ITEMS} values read)")
+                break
+    return out
+
+
+# ---------------------------------------------------------------- saving
 def _to_float(x):
-    """best_fitness may arrive as a numpy array/scalar or a tensor of one value."""
-    if x is None:
-        return None
-    return float(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x).reshape(-1)[0])
+    """best_fitness may arrive as a float, a numpy scalar or array, or a tensor of one value; anything else
+    (or an empty array) gives None."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, (int, float, np.generic, np.ndarray)) and np.size(x) and np.asarray(x).dtype.kind in "biuf":
+        return float(np.asarray(x, dtype=np.float64).reshape(-1)[0])
+    return None
 
 
 def _half_state(module_or_state):
@@ -151,6 +207,8 @@ def _names_list(names, nc, path):
     if not isinstance(names, (list, tuple)) or len(names) != nc:
         raise CheckpointError(f"{path}: {len(names) if isinstance(names, (list, tuple)) else '?'} class "
                               f"names for nc={nc}")
+    if not all(isinstance(n, (str, int, float)) for n in names):
+        raise CheckpointError(f"{path}: class names must be text or numbers")
     return [str(n) for n in names]
 
 
@@ -165,7 +223,10 @@ def _from_upstream(obj, path) -> dict:
     yaml = getattr(model, "yaml", None)
     if not isinstance(yaml, dict) or "nc" not in yaml:
         raise CheckpointError(f"{path}: upstream model has no usable 'yaml' dict")
-    yaml = _plain(yaml, "yaml")
+    try:
+        yaml = _plain(yaml, "yaml")
+    except _NotPlain as e:
+        raise CheckpointError(f"{path}: model yaml refused ({e})") from None
     if isinstance(getattr(model, "yaml_file", None), str):
         yaml.setdefault("yaml_file", model.yaml_file)
     ema = obj.get("ema")
@@ -186,9 +247,9 @@ def _from_upstream(obj, path) -> dict:
         "epoch": int(obj["epoch"]) if obj.get("epoch") is not None else -1,
         "best_fitness": _to_float(obj.get("best_fitness")),
         "optimizer": obj.get("optimizer"),
-        "opt": _plain(obj.get("opt"), "opt"),
-        "hyp": _plain(getattr(model, "hyp", None), "hyp"),
-        "date": obj.get("date"),
+        "opt": _plain_record(obj.get("opt"), "opt", path),
+        "hyp": _plain_record(getattr(model, "hyp", None), "hyp", path),
+        "date": obj.get("date") if isinstance(obj.get("date"), str) else None,
         "distill": None,
         "adapters": None,
     }
@@ -223,6 +284,12 @@ def load_checkpoint(path) -> dict:
         missing = [k for k in KEYS if k not in obj]
         if missing:
             raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+        for k in ("opt", "hyp", "distill"):  # records (weights_only allows any nesting of lists and dicts)
+            obj[k] = _plain_record(obj[k], k, path) if obj[k] is not None else None
+        try:
+            obj["yaml"] = _plain(obj["yaml"], "yaml")
+        except _NotPlain as e:
+            raise CheckpointError(f"{path}: model yaml refused ({e})") from None
         return obj
     if isinstance(obj, dict) and "model" in obj and not isinstance(obj.get("model"), dict):
         return _from_upstream(obj, path)

@@ -3,10 +3,13 @@
 Upstream files pickle whole nn.Module objects. Instead of importing their classes, the restricted
 unpickler below turns every model/torch.nn class into an inert stand-in (a plain attribute bag), lets
 through only an explicit list of tensor/container reconstructors, and refuses every other global
-(os.system, subprocess.*, builtins.eval, ...) with a CheckpointError that names it.
+(os.system, subprocess.*, builtins.eval, ...) with a CheckpointError that names it. The one value
+class let through is pathlib's paths (upstream's train.py stores them in `opt`): they arrive as plain
+text, built with the pure path class of their flavour, so no path object and no file access is made.
 """
 import _compat_pickle
 import collections
+import pathlib
 import pickle
 import types
 
@@ -106,6 +109,24 @@ def _np_reconstruct(cls, shape, typecode):
     return np.ndarray.__new__(np.ndarray, shape, dtype=np.uint8)
 
 
+def _path_as_text(flavour):
+    """A pickled pathlib path -> its text, without instantiating the concrete class.
+
+    Pickles hold a path as (class, parts): ('/', 'x', 'y') on Python <= 3.12, the raw strings ('/x/y',)
+    on newer ones. Joining them with the pure path class of the same flavour gives the text on every OS,
+    so a checkpoint written on Windows opens on Linux and the reverse (the concrete WindowsPath or
+    PosixPath cannot be instantiated on the other system)."""
+    def rebuild(*parts):
+        if not all(isinstance(p, str) for p in parts):
+            raise CheckpointError(f"path parts must be text, got {[type(p).__name__ for p in parts]}")
+        return str(flavour(*parts))
+    return rebuild
+
+
+_PATH_FLAVOURS = {"Path": pathlib.PurePath, "PurePath": pathlib.PurePath,  # the host's flavour
+                  "PosixPath": pathlib.PurePosixPath, "PurePosixPath": pathlib.PurePosixPath,
+                  "WindowsPath": pathlib.PureWindowsPath, "PureWindowsPath": pathlib.PureWindowsPath}
+
 ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -120,6 +141,10 @@ ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
 }
+# upstream train.py stores paths in `opt` (evolve_population, save_dir, project); Python 3.13+ spells the
+# module pathlib._local
+ALLOWED.update({(module, name): _path_as_text(flavour) for name, flavour in _PATH_FLAVOURS.items()
+                for module in ("pathlib", "pathlib._local")})
 # torch.load resolves torch.<X>Storage names itself (before find_class), so they are not listed here.
 
 
