@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (IOU_THRESHOLDS, ConfusionMatrix, ap_per_class, compute_ap, fitness, greedy_match,
-                           match_predictions)
+from utils.metrics import (IOU_THRESHOLDS, ConfusionMatrix, _exact_iou, ap_per_class, compute_ap, fitness,
+                           greedy_match, match_predictions)
 from utils.plots import Annotator, colors, plot_distill_masks, plot_images, plot_labels, plot_results
 
-N_THR = 101  # COCO-style recall sampling points 0, 0.01, ..., 1
+X = np.linspace(0, 1, 101)  # recall points of the AP integral
 
 
 def evaluate(dets, labels):
@@ -20,54 +20,56 @@ def evaluate(dets, labels):
     return tp, ap, p, r, cls
 
 
-def test_perfect_predictions_give_ap_one():
+def test_perfect_predictions_give_ap_0995():
+    # envelope 1 at every recall point below 1 and 0 at recall 1 (the closing sentinel: np.interp at a
+    # repeated point takes the last value), so the trapezoid gives 0.99 + 0.01 * (1 + 0) / 2 = 0.995
     labels = [[0, 10, 10, 50, 50], [0, 60, 60, 90, 100], [0, 5, 70, 40, 95]]
     dets = [[*b[1:], conf, 0] for b, conf in zip(labels, (0.9, 0.8, 0.7))]
     tp, ap, p, r, _ = evaluate(dets, labels)
     assert tp.all()
-    assert np.allclose(ap, 1.0)  # precision 1 at every recall up to 1
+    assert np.allclose(ap, 0.995)
     assert p[0] == pytest.approx(1.0) and r[0] == pytest.approx(1.0)
 
 
 def test_missed_object():
-    # 2 labels, 1 exact detection: recall reaches 0.5 at precision 1, recall > 0.5 is never reached.
-    # Sampled recall points 0.00..0.50 (51 of 101) have precision 1, the other 50 have 0 -> AP = 51/101.
+    # 2 labels, 1 exact detection: curve (recall 0.5, precision 1) between the sentinels (0, 1) and (1, 0).
+    # The envelope is 1 up to recall 0.5 and falls linearly to 0 at recall 1: AP = 0.5 + 0.5 * 0.5 / 2.
     labels = [[0, 0, 0, 10, 10], [0, 50, 50, 70, 70]]
     dets = [[0, 0, 10, 10, 0.9, 0]]
     tp, ap, p, r, _ = evaluate(dets, labels)
-    assert np.allclose(ap, 51 / N_THR)
+    assert np.allclose(ap, 0.75)
     # P stays 1 at any threshold; R is 0.5 below conf 0.9: the best F1 is there.
     assert p[0] == pytest.approx(1.0) and r[0] == pytest.approx(0.5)
 
 
-def test_duplicate_detection():
-    # One label [0, 0, 10, 10]. A: exact (IoU 1), conf 0.8. B: [0, 0, 10, 6] (IoU 0.6), conf 0.9.
-    # Matching is by IoU, so A takes the label; B is a false positive and ranks first:
-    # ranked (B, A): recall (0, 1), precision (0, 0.5); envelope 0.5 at every recall -> AP = 0.5,
-    # at every IoU threshold (A matches at all of them).
+def test_duplicate_detection_label_goes_to_the_first_detection():
+    # One label [0, 0, 10, 10]. B: [0, 0, 10, 5.7] (IoU 0.57), conf 0.9, listed first (NMS order).
+    # A: exact (IoU 1), conf 0.8. Both detections' best label is the label, which goes to the first of
+    # them: B is the TP at thresholds 0.50 and 0.55, A a FP there (a highest-IoU-first matching would
+    # pick A). From 0.60 on only A qualifies.
     labels = [[0, 0, 0, 10, 10]]
-    dets = [[0, 0, 10, 6, 0.9, 0], [0, 0, 10, 10, 0.8, 0]]
+    dets = [[0, 0, 10, 5.7, 0.9, 0], [0, 0, 10, 10, 0.8, 0]]
     tp, ap, _, _, _ = evaluate(dets, labels)
-    assert not tp[0].any() and tp[1].all()
-    assert np.allclose(ap, 0.5)
-    # The same duplicate ranked after the true positive costs nothing: AP = 1.
-    dets = [[0, 0, 10, 6, 0.7, 0], [0, 0, 10, 10, 0.8, 0]]
-    _, ap, _, _, _ = evaluate(dets, labels)
-    assert np.allclose(ap, 1.0)
+    assert tp[0].tolist() == [True] * 2 + [False] * 8 and tp[1].tolist() == [False] * 2 + [True] * 8
+    # 0.50, 0.55: ranked (TP, FP): recall (1, 1), precision (1, 0.5) -> envelope 1 below recall 1: 0.995
+    assert np.allclose(ap[0, :2], 0.995)
+    # 0.60+: ranked (FP, TP): recall (0, 1), precision (0, 0.5) -> envelope 0.5 on [0, 1), 0 at 1:
+    # 0.99 * 0.5 + 0.01 * (0.5 + 0) / 2 = 0.4975
+    assert np.allclose(ap[0, 2:], 0.4975)
 
 
 def test_two_classes():
-    # class 0: one label, found exactly -> AP 1.
+    # class 0: one label, found exactly -> AP 0.995.
     # class 1: two labels; a class-1 detection on the class-0 object (conf 0.95) can only be a false
     # positive, then one exact detection (0.9). Ranked: recall (0, 0.5), precision (0, 0.5); envelope
-    # 0.5 for recall <= 0.5 (51 points), 0 beyond -> AP = 0.5 * 51 / 101.
+    # 0.5 for recall <= 0.5, then linear to 0 at recall 1 -> AP = 0.5 * 0.5 + 0.5 * 0.5 / 2 = 0.375.
     labels = [[0, 0, 0, 10, 10], [1, 20, 20, 40, 40], [1, 60, 60, 80, 80]]
     dets = [[0, 0, 10, 10, 0.99, 0], [0, 0, 10, 10, 0.95, 1], [20, 20, 40, 40, 0.9, 1]]
     _, ap, _, _, cls = evaluate(dets, labels)
     assert list(cls) == [0, 1]
-    assert np.allclose(ap[0], 1.0)
-    assert np.allclose(ap[1], 0.5 * 51 / N_THR)
-    assert ap[:, 0].mean() == pytest.approx((1 + 0.5 * 51 / N_THR) / 2)
+    assert np.allclose(ap[0], 0.995)
+    assert np.allclose(ap[1], 0.375)
+    assert ap[:, 0].mean() == pytest.approx((0.995 + 0.375) / 2)
 
 
 def test_class_without_predictions_and_predictions_without_labels():
@@ -76,17 +78,26 @@ def test_class_without_predictions_and_predictions_without_labels():
     dets = [[0, 0, 10, 10, 0.9, 0], [50, 50, 60, 60, 0.9, 2]]
     _, ap, _, _, cls = evaluate(dets, labels)
     assert list(cls) == [0, 1]
-    assert np.allclose(ap[0], 1.0) and np.allclose(ap[1], 0.0)
+    assert np.allclose(ap[0], 0.995) and np.allclose(ap[1], 0.0)
 
 
-def test_compute_ap_envelope():
-    # recall (0.5, 1.0), precision (1.0, 0.5): recall <= 0.5 -> 1 (51 points), (0.5, 1] -> 0.5 (50 points)
+def test_compute_ap_is_the_trapezoid_of_the_interpolated_envelope():
+    # recall (0.5, 1.0), precision (1.0, 0.5); with sentinels the envelope is 1 on [0, 0.5], linear from
+    # 1 to 0.5 on [0.5, 1), and 0 at recall 1 (the sentinel after the curve's own recall 1).
+    # Trapezoid: 0.5 + 0.49 * (1 + 0.51) / 2 + 0.01 * (0.51 + 0) / 2 = 0.8725.
+    # (Averaging the envelope at the 101 points, COCO-style, would give (51 + 50 * 0.5) / 101 = 0.7525.)
     ap, mpre, mrec = compute_ap(np.array([0.5, 1.0]), np.array([1.0, 0.5]))
-    assert ap == pytest.approx((51 * 1.0 + 50 * 0.5) / N_THR)
-    # a dip in precision is filled in by the envelope: (0.25 @ P 1, 0.5 @ P 0.5, 0.75 @ P 0.6)
+    assert ap == pytest.approx(0.8725, abs=1e-12)
+    assert mrec.tolist() == [0.0, 0.5, 1.0, 1.0] and mpre.tolist() == [1.0, 1.0, 0.5, 0.0]
+    # a dip in precision is filled in by the envelope: (0.25 @ P 1, 0.5 @ P 0.5, 0.75 @ P 0.6) gives
+    # 1, 1, 0.6, 0.6, 0 at recall 0, 0.25, 0.5, 0.75, 1; piecewise linear with breakpoints on the grid:
+    # 0.25 * 1 + 0.25 * (1 + 0.6) / 2 + 0.25 * 0.6 + 0.25 * 0.6 / 2 = 0.675
     ap, mpre, _ = compute_ap(np.array([0.25, 0.5, 0.75]), np.array([1.0, 0.5, 0.6]))
-    assert ap == pytest.approx((26 * 1.0 + 50 * 0.6) / N_THR)
+    assert ap == pytest.approx(0.675, abs=1e-12)
     assert np.all(np.diff(mpre) <= 0)  # monotone
+    # the precision sentinel at recall 0 is 1: a curve starting with a false positive still starts at 1
+    _, mpre, _ = compute_ap(np.array([0.0, 0.5]), np.array([0.0, 0.5]))
+    assert mpre[0] == 1.0
 
 
 def test_iou_threshold_boundary():
@@ -103,20 +114,53 @@ def test_iou_threshold_boundary():
     assert match_predictions(torch.tensor([[0, 0, 10, 10, 0.9, 0]]), torch.tensor(label)).all()
 
 
-def test_label_matched_once_highest_iou_first():
-    # labels a=[0,0,10,10], b=[3,0,13,10]; d1=[1,0,11,10]: IoU with a 90/110=0.818, with b 80/120=0.667;
-    # d2=[0,0,10,8]: IoU with a 0.8, with b 56/124=0.45. Pairs are taken by decreasing IoU: d1-a first,
-    # which rules out d2-a and d1-b -> at 0.5 d1 is TP, d2 FP and b stays unmatched (greedy, as stated;
-    # an optimal assignment would have found two matches).
+def test_detection_keeps_its_best_label_and_labels_go_to_the_first_detection():
+    # labels A=[0,0,10,10], B=[0,1,10,10]; d0=[0,0,10,9] (conf 0.9): IoU with A 90/100, with B 80/100;
+    # d1=[0,0,10,9.5] (conf 0.8): IoU with A 95/100, with B 85/100. Both detections' best label is A,
+    # which goes to d0 (listed first); d1 stays a FP and B unmatched. A highest-IoU-first one-to-one
+    # matching would give d1-A then d0-B: two TPs.
+    labels = [[0, 0, 0, 10, 10], [0, 0, 1, 10, 10]]
+    dets = [[0, 0, 10, 9, 0.9, 0], [0, 0, 10, 9.5, 0.8, 0]]
+    tp = match_predictions(dets, labels)
+    assert tp[:, :6].tolist() == [[True] * 6, [False] * 6]  # thresholds 0.50 .. 0.75
+    rows, cols = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert greedy_match(rows, cols, np.array([0.9, 0.95, 0.8, 0.85])).sum() == 2  # the alternative rule
+    # labels A=[0,0,10,10], C=[3,0,13,10]; e0=[0,0,10,8] (conf 0.9): IoU with A 0.8, with C 56/124;
+    # e1=[1,0,11,10] (conf 0.5): IoU with A 90/110, with C 80/120. e0's best is A, e1's best is A too
+    # (0.818 > 0.667), A goes to e0 -> at 0.5: e0 TP, e1 FP, C unmatched.
     labels = [[0, 0, 0, 10, 10], [0, 3, 0, 13, 10]]
-    dets = [[1, 0, 11, 10, 0.5, 0], [0, 0, 10, 8, 0.9, 0]]
+    dets = [[0, 0, 10, 8, 0.9, 0], [1, 0, 11, 10, 0.5, 0]]
     tp = match_predictions(dets, labels)
     assert tp[:, 0].tolist() == [True, False]
-    assert tp[:, 6].tolist() == [True, False]  # 0.80: d1-a (0.818) still beats d2-a (0.8)
-    assert not tp[:, 7].any()  # 0.85: neither pair is strong enough
-    # two copies of the same exact box: only one can have the label
+    # at 0.80 e0-A (0.8, with IoU computed exactly) still qualifies and A stays with e0; at 0.85 nothing does
+    assert tp[:, 6].tolist() == [True, False] and not tp[:, 7].any()
+    # two copies of the same exact box: only one can have the label, the first
     tp = match_predictions([[0, 0, 10, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0]], labels[:1])
-    assert tp.sum(0).tolist() == [1] * 10
+    assert tp[:, 0].tolist() == [True, False] and tp.sum(0).tolist() == [1] * 10
+
+
+def test_matching_equals_a_plain_loop_of_the_rule():
+    """Random scenes: the vectorised rule equals a direct per-threshold loop written from its statement."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        m, n = int(rng.integers(1, 8)), int(rng.integers(1, 12))
+        xy = rng.uniform(0, 40, (m, 2))
+        labels = np.c_[rng.integers(0, 2, m), xy, xy + rng.uniform(5, 20, (m, 2))]
+        src = labels[rng.integers(0, m, n), 1:]
+        boxes = src + rng.normal(0, 2.5, (n, 4))
+        dets = np.c_[boxes, np.sort(rng.random(n))[::-1], rng.integers(0, 2, n)]
+        got = match_predictions(dets, labels)
+        iou = _exact_iou(labels[:, 1:], dets[:, :4])
+        for k, t in enumerate(IOU_THRESHOLDS):
+            best = {}
+            for d in range(n):  # each detection's best label (highest IoU; ties: higher label index)
+                cands = [(iou[l, d], l) for l in range(m) if labels[l, 0] == dets[d, 5] and iou[l, d] >= t]
+                if cands:
+                    best[d] = max(cands)[1]
+            expect = np.zeros(n, bool)
+            for l in set(best.values()):  # each label to the first detection that chose it
+                expect[min(d for d, bl in best.items() if bl == l)] = True
+            assert got[:, k].tolist() == expect.tolist()
 
 
 def test_greedy_match_equals_sequential_greedy():

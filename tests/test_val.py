@@ -104,6 +104,12 @@ def log():
     LOGGER.removeHandler(h)
 
 
+def coco_installed():
+    import importlib.util
+
+    return importlib.util.find_spec("pycocotools") is not None
+
+
 def run_fake(data, tmp_path, **kw):
     loader, batches = val_loader(data, kw.get("single_cls", False))
     model = LabelEcho(batches, **{k: kw.pop(k) for k in ("noise", "seed", "extra") if k in kw})
@@ -123,11 +129,14 @@ def test_perfect_predictions_end_to_end(shapes, tmp_path, log):
     """Labels in -> letterbox -> predictions -> back to original pixels: mAP 1, exact boxes in the json."""
     _, data = shapes
     (mp, mr, map50, map_, *losses), maps, t = run_fake(data, tmp_path, plots=True, save_json=True, verbose=True)
-    assert map50 == pytest.approx(1.0) and map_ == pytest.approx(1.0)  # own metric, or COCO's if installed
+    # with --save-json the row is COCO's (1.0 for perfect boxes) when pycocotools is installed; per-class
+    # mAPs stay val.py's, whose trapezoid rule gives 0.995 for a perfect curve
+    assert map50 == pytest.approx(1.0 if coco_installed() else 0.995)
+    assert map_ == pytest.approx(1.0 if coco_installed() else 0.995)
     # P/R are read off curves interpolated linearly in confidence (upstream's rule), between the last
     # true positive and the first low-confidence wrong-class duplicate, so P is just under 1 there
     assert mp > 0.98 and mr == pytest.approx(1.0, abs=1e-3)
-    assert maps.shape == (len(NAMES),) and np.allclose(maps, 1.0) and len(t) == 3 and losses == [0, 0, 0]
+    assert maps.shape == (len(NAMES),) and np.allclose(maps, 0.995) and len(t) == 3 and losses == [0, 0, 0]
     images, instances = all_row(log)[:2]
     assert images == 25 and instances == label_count(data)  # the blank image is counted
 
@@ -145,14 +154,15 @@ def test_perfect_predictions_end_to_end(shapes, tmp_path, log):
         assert min(np.abs(np.array(d["bbox"]) - want).max() for d in mine) < 0.05
 
     (_, _, map50, map_, *_), _, _ = run_fake(data, tmp_path / "s", single_cls=True, plots=False)
-    assert map50 == pytest.approx(1.0) and map_ == pytest.approx(1.0)
+    assert map50 == pytest.approx(0.995) and map_ == pytest.approx(0.995)
 
 
 def test_detections_on_images_without_labels_are_false_positives(shapes, tmp_path):
     # Images without objects (the blank one, and any the generator left empty: m in all) each get one
     # detection of class 2 at conf 0.99, above every true one. With n labels of class 2, all found
-    # afterwards, precision at recall k/n is k/(k+m), its envelope n/(n+m) everywhere, so
-    # AP(class 2) = n/(n+m) at every IoU threshold; the other classes stay at 1.
+    # afterwards, precision at recall k/n is k/(k+m), its envelope c = n/(n+m) at every recall below 1
+    # (at recall 0 too: np.interp takes the last of the repeated recall-0 points) and 0 at recall 1, so
+    # AP(class 2) = 0.99 c + 0.01 c / 2 = 0.995 c at every IoU threshold; the other classes stay at 0.995.
     _, data = shapes
     labels = {f.stem: np.loadtxt(f, ndmin=2) for f in Path(data["path"], "labels", "val").glob("*.txt")}
     n = sum(int((lb[:, 0] == 2).sum()) for lb in labels.values())
@@ -160,15 +170,16 @@ def test_detections_on_images_without_labels_are_false_positives(shapes, tmp_pat
     assert m >= 1 and n >= 1
     fp = torch.tensor([30.0, 30.0, 20.0, 20.0, 0.99, 0, 0, 1, 0, 0, 0])
     _, maps, _ = run_fake(data, tmp_path, plots=False, extra=fp)
-    assert maps[2] == pytest.approx(n / (n + m))
-    assert np.allclose(np.delete(maps, 2), 1.0)
+    assert maps[2] == pytest.approx(0.995 * n / (n + m))
+    assert np.allclose(np.delete(maps, 2), 0.995)
 
 
 def test_agreement_with_pycocotools(shapes, tmp_path, log):
     """Noisy stand-in predictions: val.py's mAP50-95 vs COCOeval's stats[0] on val.py's own json.
 
-    They can differ: COCO matches detections in score order, val.py pairs by decreasing IoU (the rule
-    asked for); on this 98-object split the largest gaps seen were 0.005 (mAP50-95) and 0.015 (mAP50).
+    They can differ a little: COCO lets each detection, in score order, take the best label still free,
+    where val.py (YOLOv5's rule) gives a label to the first detection whose best label it is; AP is
+    COCO's 101-point mean vs the trapezoid. Measured on this split: |diff| <= 0.003 for both figures.
     """
     pytest.importorskip("pycocotools")
     _, data = shapes
@@ -187,10 +198,9 @@ def test_agreement_with_pycocotools_on_a_trained_model(tmp_path, log):
     """A real yolov5n trained on shapes (fixture: demo.sh's baseline student, 10 epochs) on the full
     200-image shapes val split that shapes.yaml generates: val.py's mAP50-95 and COCOeval's stats[0]
     on val.py's own json agree within 0.01 (the issue's bound); the difference is printed.
-    Measured: 0.0710 vs 0.0797 (mAP50 0.124 vs 0.153). COCO is the higher one, as upstream also reports:
-    COCOeval matches detections greedily in score order, while val.py pairs by decreasing IoU, which
-    can leave a high-score duplicate unmatched (a false positive early on the PR curve); a weak model
-    with many overlapping boxes shows that most."""
+    Measured: 0.0789 vs 0.0797 (mAP50 0.1521 vs 0.1533). The remaining gap is the matching of a
+    detection whose best label is already taken (COCO moves it to its next-best free label, YOLOv5's
+    rule counts it as a false positive) and COCO's 101-point mean vs the trapezoid."""
     pytest.importorskip("pycocotools")
     root = tmp_path / "shapes"
     subprocess.run([sys.executable, "-m", "data.shapes_generator", "--out", str(root), "--n-train", "0",

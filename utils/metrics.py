@@ -52,8 +52,12 @@ def greedy_match(rows, cols, iou):
 def match_predictions(detections, labels, iouv=IOU_THRESHOLDS):
     """Which detections are true positives at each IoU threshold -> bool [n, len(iouv)] (numpy).
 
-    A detection can only match a label of its own class, with IoU >= threshold; each label is matched at
-    most once per threshold, pairs taken in order of decreasing IoU.
+    YOLOv5's rule, per threshold t: candidate pairs are a label and a detection of the same class with
+    IoU >= t. Each detection keeps its best label (highest IoU; ties go to the higher label index); then
+    each label keeps, among the detections that chose it, the one listed first. Detections arrive from
+    NMS in decreasing confidence, so that is the most confident one. This is not a one-to-one
+    highest-IoU-first matching: a label wanted by two detections goes to the first of them even when
+    the second overlaps it more, and a detection whose best label was taken stays a false positive.
     """
     det, lab, iouv = _np64(detections).reshape(-1, 6), _np64(labels).reshape(-1, 5), _np64(iouv).reshape(-1)
     correct = np.zeros((len(det), len(iouv)), dtype=bool)
@@ -61,28 +65,33 @@ def match_predictions(detections, labels, iouv=IOU_THRESHOLDS):
         return correct
     iou = _exact_iou(lab[:, 1:5], det[:, :4])  # [m, n]
     iou[lab[:, 0:1] != det[None, :, 5]] = 0.0
-    li, di = np.nonzero(iou >= iouv.min())
+    li, di = np.nonzero(iou >= iouv.min())  # label-major order
     v = iou[li, di]
     for k, t in enumerate(iouv):
         s = v >= t
-        kept = greedy_match(li[s], di[s], v[s])
-        correct[di[s][kept], k] = True
+        order = np.argsort(v[s], kind="stable")[::-1]  # highest IoU first; equal IoU: later pair first
+        lab_i, det_i = li[s][order], di[s][order]
+        _, best = np.unique(det_i, return_index=True)  # each detection's first (best) pair, by detection index
+        lab_i, det_i = lab_i[best], det_i[best]
+        _, first = np.unique(lab_i, return_index=True)  # each label's lowest-index detection
+        correct[det_i[first], k] = True
     return correct
 
 
 def compute_ap(recall, precision):
-    """AP of one PR curve -> (ap, mpre, mrec).
+    """AP of one PR curve -> (ap, mpre, mrec), computed as YOLOv5 does.
 
-    The precision envelope (max precision at any recall >= r) is sampled at the 101 recall points
-    0, 0.01, ..., 1 and averaged, as COCO does: perfect detections give exactly 1.0. (Upstream YOLOv5
-    integrates the same envelope with the trapezoid rule, which caps AP at 0.995.) Recall points never
-    reached count as precision 0. mrec/mpre are the curve with sentinels, for plotting.
+    The curve gets sentinels (recall 0 at precision 1 before it, recall 1 at precision 0 after it), its
+    precision becomes the envelope (max precision at any recall >= r), and AP is the trapezoid integral
+    of that envelope, interpolated linearly at the 101 recall points 0, 0.01, ..., 1. Perfect detections
+    give 0.995 (the last half step falls to the closing sentinel); COCO's step sampling gives 1.0 there.
+    mrec/mpre are the curve with sentinels, for plotting.
     """
     mrec = np.concatenate(([0.0], recall, [1.0]))
-    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.concatenate(([1.0], precision, [0.0]))
     mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
     x = np.linspace(0, 1, 101)
-    ap = mpre[np.searchsorted(mrec, x, side="left")].mean()
+    ap = np.trapezoid(np.interp(x, mrec, mpre), x)
     return float(ap), mpre, mrec
 
 
