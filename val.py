@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,24 @@ from utils.torch_utils import count_flops, select_device, time_sync
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4  # class, images, instances, P, R, mAP50, mAP50-95
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 COCO91_MISSING = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # COCO category ids that have no images
+
+
+class Metrics(NamedTuple):
+    """The all-classes row and the val losses (0 when no compute_loss), in results.csv's column order."""
+    precision: float
+    recall: float
+    map50: float
+    map: float  # mAP50-95
+    box_loss: float
+    obj_loss: float
+    cls_loss: float
+
+
+class ValResult(NamedTuple):
+    """What run() returns; a tuple too, so `(p, r, map50, map, *losses), maps, times = run(...)` works."""
+    metrics: Metrics
+    maps: np.ndarray  # per-class mAP50-95 [nc]; classes without labels get the mean
+    times: tuple  # ms per image: pre-process, inference, NMS
 
 
 def coco80_to_coco91_class():
@@ -150,7 +169,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         device="", workers=8, single_cls=False, verbose=False, save_txt=False, save_conf=False, save_json=False,
         project=ROOT / "runs/val", name="exp", exist_ok=False, half=False, model=None, dataloader=None,
         save_dir=Path(""), plots=True, compute_loss=None):
-    """Validate -> ((P, R, mAP50, mAP50-95, box, obj, cls losses), per-class mAP50-95 [nc], ms/img (pre, inf, NMS)).
+    """Validate -> ValResult(metrics (P, R, mAP50, mAP50-95, box, obj, cls losses), per-class mAP50-95 [nc],
+    ms/img (pre-process, inference, NMS)).
 
     In memory (model given, as the trainer does) the model is used as is on its device and put in eval();
     half then runs it under CUDA autocast, so the caller's fp32 weights (an EMA) are never rounded to
@@ -294,7 +314,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         if c < nc:
             maps[c] = ap[i]
     losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
-    return (float(mp), float(mr), float(map50), float(map_), *losses), maps, t
+    return ValResult(Metrics(float(mp), float(mr), float(map50), float(map_), *losses), maps, t)
 
 
 def coco_stats(data, task, dataset, names, class_map, single_cls, save_dir, pred_json):
@@ -361,9 +381,10 @@ def short_labels(weights):
 def comparison_rows(weights, summaries, results, imgsz):
     """One dict per weights file; d* columns are the difference from the first row."""
     rows = []
-    for w, (params, gflops), (metrics, _, t) in zip(short_labels(weights), summaries, results):
-        rows.append({"weights": w, "params": params, f"GFLOPs@{imgsz}": gflops, "P": metrics[0],
-                     "R": metrics[1], "mAP50": metrics[2], "mAP50-95": metrics[3], "ms/img": sum(t)})
+    for w, (params, gflops), res in zip(short_labels(weights), summaries, results):
+        m = res.metrics
+        rows.append({"weights": w, "params": params, f"GFLOPs@{imgsz}": gflops, "P": m.precision,
+                     "R": m.recall, "mAP50": m.map50, "mAP50-95": m.map, "ms/img": sum(res.times)})
     keys = ["P", "R", "mAP50", "mAP50-95", "ms/img"]
     for r in rows:
         r.update({f"d{k}": r[k] - rows[0][k] for k in keys})

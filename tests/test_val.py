@@ -238,9 +238,13 @@ def test_trainer_call(shapes, tmp_path):
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader, _ = val_loader(data)
-    results, maps, t = val.run(data=data, batch_size=BS, imgsz=IMGSZ, half=False, model=model, single_cls=False,
-                               dataloader=loader, save_dir=tmp_path, plots=False, compute_loss=ComputeLoss(model))
+    out = val.run(data=data, batch_size=BS, imgsz=IMGSZ, half=False, model=model, single_cls=False,
+                  dataloader=loader, save_dir=tmp_path, plots=False, compute_loss=ComputeLoss(model))
+    results, maps, t = out
     assert len(results) == 7 and maps.shape == (len(NAMES),) and len(t) == 3
+    m = out.metrics  # the names the trainer uses, in results.csv's column order
+    assert (m.precision, m.recall, m.map50, m.map, m.box_loss, m.obj_loss, m.cls_loss) == results
+    assert out.maps is maps and out.times == t
     assert all(0 <= x <= 1 for x in results[:4])
     assert all(np.isfinite(x) and x > 0 for x in results[4:])  # box, obj, cls losses of the val set
     assert not model.training  # put in eval(), nothing else restored
