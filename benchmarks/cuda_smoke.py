@@ -1,4 +1,4 @@
-"""CUDA smoke check: one command for a session that is lent a GPU, covering what CPU runs cannot.
+"""CUDA smoke check: one command to run on a machine with a GPU, covering what CPU runs cannot.
 
   1. imitation_masks on the device: equal to the CPU result, no host sync (a warm call under
      torch.cuda.set_sync_debug_mode('error')), ms per call (batch 16 at 640, 0..20 boxes per image).

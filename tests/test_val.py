@@ -197,7 +197,7 @@ def test_agreement_with_pycocotools(shapes, tmp_path, log):
 def test_agreement_with_pycocotools_on_a_trained_model(tmp_path, log):
     """A real yolov5n trained on shapes (fixture: demo.sh's baseline student, 10 epochs) on the full
     200-image shapes val split that shapes.yaml generates: val.py's mAP50-95 and COCOeval's stats[0]
-    on val.py's own json agree within 0.01 (the issue's bound); the difference is printed.
+    on val.py's own json agree within 0.01; the difference is printed.
     Measured: 0.0789 vs 0.0797 (mAP50 0.1521 vs 0.1533). The remaining gap is the matching of a
     detection whose best label is already taken (COCO moves it to its next-best free label, YOLOv5's
     rule counts it as a false positive) and COCO's 101-point mean vs the trapezoid."""

@@ -417,7 +417,7 @@ class ImageLoadError(OSError):
 class LoadImagesAndLabels(Dataset):
     """Images + YOLO labels, with mosaic/perspective/HSV/flip/mixup augmentation when augment=True.
 
-    Attributes per the contract: im_files, label_files, labels (list of float32 [k, 5] cls + xywhn),
+    Attributes (read by the trainer, val.py and autoanchor): im_files, label_files, labels (list of float32 [k, 5] cls + xywhn),
     shapes (int [N, 2] original w, h), mosaic (bool, may be switched off at runtime), and for rect
     batches batch_shapes ([nb, 2] h, w) with batch (image -> batch index).
     """
@@ -640,7 +640,7 @@ def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=Non
                       shuffle=False, seed=0, nc=None):
     """-> (DataLoader, LoadImagesAndLabels). Batches: (uint8 [bs, 3, H, W] RGB, targets [n, 6], paths, shapes).
 
-    Extension to the contract: `nc` (optional) marks label files with a class >= nc as corrupt.
+    `nc` (optional) marks label files with a class >= nc as corrupt.
     Under DDP (rank != -1) a DistributedSampler is used: call loader.sampler.set_epoch(epoch).
     A given seed makes the shuffling and the worker augmentations reproducible; with workers=0 the
     augmentations draw from the process's global random state instead (seed it: init_seeds).
