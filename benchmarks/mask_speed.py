@@ -1,4 +1,4 @@
-"""Speed of the imitation masks (utils/distill_mask.py): dense vs the per-box loop, and share of a training step.
+"""Speed of the imitation masks (utils/distill_mask.py): dense vs the per-box loop, share of a training step.
 
 A batch of `--batch` images at `--imgsz` with 0..`--max-boxes` random boxes each, the three yolov5s levels
 (strides 8/16/32, yolov5s anchors in pixels). Timed in one process at one thread count: imitation_masks
@@ -7,9 +7,12 @@ tests/mask_reference.py (kind 'fine', level by level), interleaved for `--rounds
 (on a shared machine the minimum is the least disturbed); and one plain yolov5s training step on the
 same batch (forward, ComputeLoss, backward, SGD step; best of `--step-repeat` after a warm-up). Also checks
 that the dense masks agree with the loop outside the tolerance band (IoU within 1e-6 of the threshold).
+Then, under these masks, the adapters' forward + backward on random yolov5n neck maps (to yolov5s
+channels): at the masked cells (utils.distill.adapt_at, as imitation_loss runs them) vs the conv over the
+whole map, then picked (best of `--adapter-repeat`).
 
     python benchmarks/mask_speed.py                    # batch 16 at 640, as in the README
-    python benchmarks/mask_speed.py --step-repeat 0    # masks only
+    python benchmarks/mask_speed.py --step-repeat 0 --adapter-repeat 0   # masks only
 """
 import argparse
 import sys
@@ -41,9 +44,15 @@ def random_targets(bs, max_boxes, seed):
 
 def elapsed_ms(fn):
     """Wall-clock ms of one call of fn."""
-    t0 = time.perf_counter()
+    return timed_ms(fn)[0]
+
+
+def timed_ms(fn):
+    """(wall-clock ms, CPU ms of this process) of one call of fn. On a shared machine the wall clock of a
+    long call also counts time the scheduler gave to other processes, the CPU time does not."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
 def plain_step_ms(targets, bs, imgsz, repeat, cfg="yolov5s.yaml"):
@@ -71,8 +80,8 @@ def plain_step_ms(targets, bs, imgsz, repeat, cfg="yolov5s.yaml"):
 
 def mask_times(targets, bs, imgsz, rounds):
     """Best ms of the dense masks ('fine', 'gt') and of the per-box loop ('fine') on one batch, interleaved,
-    and the agreement of the dense 'fine' masks with the loop: (times dict, cells differing outside the
-    tolerance band, cells differing inside it, cells in the band)."""
+    and the agreement of the dense 'fine' masks with the loop: (wall-clock ms dict, CPU ms dict, cells
+    differing outside the tolerance band, cells differing inside it, cells in the band)."""
     hws = [(imgsz // s, imgsz // s) for s in STRIDES]
     fns = {"loop": lambda: [imitation_mask_loop(targets, a, s, hw, bs) for a, s, hw in zip(ANCHORS, STRIDES, hws)],
            "fine": lambda: imitation_masks(targets, ANCHORS, STRIDES, hws, bs),
@@ -83,11 +92,38 @@ def mask_times(targets, bs, imgsz, rounds):
         outside += int(((m != ref) & ~doubt).sum())
         inside += int(((m != ref) & doubt).sum())
         band += int(doubt.sum())
-    best = dict.fromkeys(fns, float("inf"))
+    wall, cpu = dict.fromkeys(fns, float("inf")), dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min([best[name]] + [elapsed_ms(fn) for _ in range(1 if name == "loop" else 5)])
-    return best, outside, inside, band
+            for w, c in [timed_ms(fn) for _ in range(1 if name == "loop" else 5)]:
+                wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+    return wall, cpu, outside, inside, band
+
+
+def adapter_times(masks, repeat, student_ch=(64, 128, 256), teacher_ch=(128, 256, 512)):
+    """{kind: (ms at the masked cells, ms whole map)}: best of `repeat` forward + backward passes of the
+    squared error between the adapted student and the teacher at the masked cells, all levels."""
+    from utils.distill import adapt_at, build_adapters
+
+    g = torch.Generator().manual_seed(0)
+    cells = [m.nonzero(as_tuple=True) for m in masks]
+    s = [torch.randn(*m.shape[:1], c, *m.shape[1:], generator=g, requires_grad=True) for c, m in zip(student_ch, masks)]
+    t = [torch.randn(*m.shape[:1], c, *m.shape[1:], generator=g) for c, m in zip(teacher_ch, masks)]
+    out = {}
+    for kind in ("1x1", "3x3"):
+        adapters = build_adapters(student_ch, teacher_ch, kind)
+
+        def run(at_cells):
+            loss = 0.0
+            for a, si, ti, (b, y, x) in zip(adapters, s, t, cells):
+                adapted = adapt_at(a, si, b, y, x) if at_cells else a(si)[b, :, y, x]
+                loss = loss + (adapted - ti[b, :, y, x]).pow(2).sum()
+            loss.backward()
+
+        run(True), run(False)  # warm-up
+        times = [[elapsed_ms(lambda: run(at_cells)) for at_cells in (True, False)] for _ in range(repeat)]
+        out[kind] = tuple(min(x) for x in zip(*times))
+    return out
 
 
 def main():
@@ -98,6 +134,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds (loop once, dense masks 5x each)")
     ap.add_argument("--step-repeat", type=int, default=2, help="timed plain training steps (0: skip)")
+    ap.add_argument("--adapter-repeat", type=int, default=2, help="timed adapter passes (0: skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (0: torch default)")
     opt = ap.parse_args()
     if opt.threads:
@@ -106,19 +143,30 @@ def main():
     targets = random_targets(opt.batch, opt.max_boxes, opt.seed)
     # the training step first: its large tensors leave the allocator as a training process has it
     step = plain_step_ms(targets, opt.batch, opt.imgsz, opt.step_repeat) if opt.step_repeat else float("nan")
-    t, outside, inside, band = mask_times(targets, opt.batch, opt.imgsz, opt.rounds)
+    t, cpu, outside, inside, band = mask_times(targets, opt.batch, opt.imgsz, opt.rounds)
 
     print(f"\nimitation masks, yolov5s levels P3-P5 | batch {opt.batch} at {opt.imgsz}, {len(targets)} boxes "
           f"(0..{opt.max_boxes} per image) | {torch.get_num_threads()} torch thread(s) | best of {opt.rounds} "
           f"interleaved rounds, wall clock")
-    print(f"{'':44}{'ms':>10}{'loop / this':>13}{'% of step':>11}")
-    rows = [("per-box loop, 'fine' (tests/mask_reference.py)", t["loop"]), ("dense imitation_masks, 'fine'", t["fine"]),
-            ("dense imitation_masks, 'gt'", t["gt"]), (f"plain yolov5s training step (best of {opt.step_repeat})", step)]
-    for name, ms in rows:
-        print(f"{name:44}{ms:10.2f}{t['loop'] / ms:13.1f}{100 * ms / step:11.3f}")
-    print(f"dense 'fine' masks: {t['loop'] / t['fine']:.1f}x faster than the loop, {100 * t['fine'] / step:.3f}% of a "
-          f"plain training step; vs the loop: {outside} cells differ outside the {TOL:g} band, {inside} inside "
-          f"it ({band} cells in the band)")
+    print(f"{'':48}{'ms':>10}{'loop / this':>13}{'% of step':>11}{'CPU ms':>10}{'loop / this':>13}")
+    for key, name in (("loop", "per-box loop, 'fine' (tests/mask_reference.py)"),
+                      ("fine", "dense imitation_masks, 'fine'"), ("gt", "dense imitation_masks, 'gt'")):
+        print(f"{name:48}{t[key]:10.2f}{t['loop'] / t[key]:13.1f}{100 * t[key] / step:11.3f}{cpu[key]:10.2f}"
+              f"{cpu['loop'] / cpu[key]:13.1f}")
+    if opt.step_repeat:
+        print(f"{f'plain yolov5s training step (best of {opt.step_repeat})':48}{step:10.0f}")
+    print(f"dense 'fine' masks: {t['loop'] / t['fine']:.1f}x faster than the loop ({cpu['loop'] / cpu['fine']:.1f}x in "
+          f"CPU time), {100 * t['fine'] / step:.3f}% of a plain training step; vs the loop: {outside} cells differ "
+          f"outside the {TOL:g} band, {inside} inside it ({band} cells in the band)")
+    if opt.adapter_repeat:
+        hws = [(opt.imgsz // s, opt.imgsz // s) for s in STRIDES]
+        masks = imitation_masks(targets, ANCHORS, STRIDES, hws, opt.batch)
+        cover = " / ".join(f"{100 * m.float().mean():.0f}%" for m in masks)
+        print(f"\nadapters, yolov5n -> yolov5s neck channels, forward + backward under these masks (coverage {cover} "
+              f"P3/P4/P5) | best of {opt.adapter_repeat}")
+        print(f"{'':10}{'at masked cells ms':>20}{'whole map ms':>15}{'whole / cells':>15}")
+        for kind, (cells, whole) in adapter_times(masks, opt.adapter_repeat).items():
+            print(f"{kind:10}{cells:20.1f}{whole:15.1f}{whole / cells:15.2f}")
     if outside:
         sys.exit(1)
 

@@ -96,7 +96,7 @@ def mask_row(batch, imgsz, rounds, step_repeat, seed=0):
     """(dense ms, loop ms, plain yolov5s step ms, number of boxes), as benchmarks/mask_speed.py measures them."""
     targets = random_targets(batch, 20, seed)
     step = plain_step_ms(targets, batch, imgsz, step_repeat)  # first: leaves the allocator as training does
-    t, outside, _, _ = mask_times(targets, batch, imgsz, rounds)
+    t, _, outside, _, _ = mask_times(targets, batch, imgsz, rounds)
     if outside:
         raise AssertionError(f"imitation_masks differs from the per-box loop at {outside} cells outside the band")
     return t["fine"], t["loop"], step, len(targets)

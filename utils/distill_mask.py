@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-# index_reduce_ (the max per image) warns once that its API is in beta; the call used here is stable enough
+# index_reduce_ (the max per image) warns once per process that its API is in beta
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 KINDS = ("fine", "gt", "full")
@@ -73,9 +73,8 @@ def _parse_targets(targets, batch_size):
 def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind, anchor_t):
     """One level's mask from parsed targets (see imitation_mask)."""
     dev = xywh.device
-    mask = torch.zeros(batch_size, h, w, dtype=torch.bool, device=dev)
     if kind == "full" or batch_size == 0:
-        return mask.fill_(kind == "full")
+        return torch.full((batch_size, h, w), kind == "full", dtype=torch.bool, device=dev)
     anchors = anchors.to(device=dev, dtype=torch.float32)
     box = xywh * torch.tensor([w * stride, h * stride] * 2, device=dev)  # centres and sizes in input pixels
     if anchor_t is not None:  # YOLOv5's matching: max(w / a_w, a_w / w, h / a_h, a_h / h) < anchor_t
@@ -85,7 +84,10 @@ def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind
     cx = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * stride
     cy = (torch.arange(h, device=dev, dtype=torch.float32)[:, None] + 0.5) * stride  # [h, 1]
     aw, ah = anchors[:, 0].view(-1, 1, 1, 1), anchors[:, 1].view(-1, 1, 1, 1)
-    best = torch.zeros(len(anchors), batch_size, h, w, device=dev)  # 'fine': largest margin per image
+    if kind == "gt":
+        per_image = torch.zeros(batch_size, h, w, dtype=torch.bool, device=dev)  # union of the boxes inside
+    else:
+        per_image = torch.zeros(len(anchors), batch_size, h, w, device=dev)  # largest margin of the boxes
     chunk = max(1, MAX_ELEMENTS // (len(anchors) * h * w))
     for i in range(0, len(box), chunk):
         j = slice(i, i + chunk)
@@ -93,13 +95,13 @@ def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind
         keep_j = keep[j].view(-1, 1, 1)
         if kind == "gt":
             inside = ((cy > y1) & (cy < y2) & keep_j) & ((cx > x1) & (cx < x2))  # [n, h, w]
-            mask.index_put_((img[j],), inside, accumulate=True)  # OR per image
+            per_image.index_put_((img[j],), inside, accumulate=True)  # OR per image
         else:
             ovx = _overlap(cx, aw, x1, x2)  # [na, n, 1, w]
             ovy = _overlap(cy, ah, y1, y2)  # [na, n, h, 1]
             margin = _margin(ovx, ovy, aw * ah, (box[j, 2] * box[j, 3]).view(-1, 1, 1), thresh, keep_j)
-            best.index_reduce_(1, img[j], margin, "amax")  # max per image (over this chunk and the earlier)
-    return mask if kind == "gt" else best.amax(0) > 1  # any anchor passes
+            per_image.index_reduce_(1, img[j], margin, "amax")  # max per image, over all chunks so far
+    return per_image if kind == "gt" else per_image.amax(0) > 1  # 'fine': passes for some anchor
 
 
 def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0.5, kind="fine", anchor_t=None):
