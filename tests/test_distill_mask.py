@@ -94,17 +94,15 @@ def test_mask_by_hand_two_anchors_and_boxes():
     """
     anchors = torch.tensor([[16.0, 32.0], [32.0, 16.0]])
     targets = torch.tensor([box(0, 28, 28, 16, 32), box(0, 52, 52, 4, 4), box(2, 28, 28, 16, 32)])
-    cells_a = {0.5: [(2, 3), (3, 3), (4, 3)],  # tall anchor only (0.6 and 1 > 0.5)
-               0.3: [(r, c) for r in (2, 3, 4) for c in (2, 3, 4)] + [(1, 3), (5, 3)]}  # 1/3 > 0.3: both
-    cells_b = [(6, 6), (5, 6), (7, 6), (6, 5), (6, 7)]  # > 1/64 only
-    for psi in (0.5, 0.3):
+    a_05 = [(2, 3), (3, 3), (4, 3)]  # psi 0.5: the tall anchor only (IoU 1 and 0.6)
+    a_03 = [(r, c) for r in (2, 3, 4) for c in (2, 3, 4)] + [(1, 3), (5, 3)]  # psi 0.3: also the 1/3s
+    b_05 = [(6, 6), (5, 6), (7, 6), (6, 5), (6, 7)]  # psi 0.5: IoU 1/32 > 1/64
+    for psi, rows, cells in ((0.5, [0, 1, 2], {0: a_05 + b_05, 2: a_05}), (0.3, [0, 2], {0: a_03, 2: a_03})):
         expected = torch.zeros(3, 8, 8, dtype=torch.bool)
-        for img, cells in ((0, cells_a[psi]), (0, cells_b if psi == 0.5 else []), (2, cells_a[psi])):
-            for r, c in cells:
-                expected[img, r, c] = True
-        dense = imitation_mask(targets[[0, 2]] if psi == 0.3 else targets, anchors, 8, (8, 8), 3, thresh=psi)
-        loop = imitation_mask_loop(targets[[0, 2]] if psi == 0.3 else targets, anchors, 8, (8, 8), 3, thresh=psi)
-        assert torch.equal(dense, expected) and torch.equal(loop, expected), psi
+        for img, rc in cells.items():
+            expected[img, [r for r, _ in rc], [c for _, c in rc]] = True
+        assert torch.equal(imitation_mask(targets[rows], anchors, 8, (8, 8), 3, thresh=psi), expected), psi
+        assert torch.equal(imitation_mask_loop(targets[rows], anchors, 8, (8, 8), 3, thresh=psi), expected), psi
     # 'gt': centres strictly inside A's x in (20, 36), y in (12, 44): column 3 (centre 28), rows 2-4
     # (centres 20, 28, 36; 12 and 44 lie on the edges); B (50..54) holds the centre of cell (6, 6)
     gt = imitation_mask(targets, anchors, 8, (8, 8), 3, kind="gt")
@@ -182,7 +180,8 @@ def test_mask_chunks_and_duplicate_boxes(monkeypatch):
         assert whole[0].any()
         for elements in (1, 3 * 12 * 16 * 5 + 7):  # one box per chunk; 5 boxes of P3 per chunk
             monkeypatch.setattr(distill_mask, "MAX_ELEMENTS", elements)
-            assert all(torch.equal(a, b) for a, b in zip(imitation_masks(t, ANCHORS, STRIDES, hws, 3, kind=kind), whole))
+            chunked = imitation_masks(t, ANCHORS, STRIDES, hws, 3, kind=kind)
+            assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
         monkeypatch.undo()
     one = torch.tensor([[1, 0, 0.4, 0.6, 0.3, 0.2]])
     for copies in (2, 300):
