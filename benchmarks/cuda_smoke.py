@@ -1,7 +1,8 @@
 """CUDA smoke check: one command to run on a machine with a GPU, covering what CPU runs cannot.
 
-  1. imitation_masks on the device: equal to the CPU result, no host sync (a warm call under
-     torch.cuda.set_sync_debug_mode('error')), ms per call (batch 16 at 640, 0..20 boxes per image).
+  1. imitation_masks on the device: equal to the CPU result but for cells whose IoU is within 1e-6 of the
+     threshold, no host sync (a warm call under torch.cuda.set_sync_debug_mode('error')), ms per call
+     (batch 16 at 640, 0..20 boxes per image).
   2. One training batch of shapes, yolov5n student, untrained yolov5s teacher loaded by the trainer's
      load_teacher (fp16 on CUDA), AMP as the trainer runs it: (a) plain step, (b) distilled step with the
      defaults, (c) teacher forward alone; medians, the check b <= a + c + 0.1a, and a finite, non-zero
@@ -32,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import train_distill  # noqa: E402
 import val  # noqa: E402
-from benchmarks.mask_speed import ANCHORS, STRIDES, random_targets  # noqa: E402
+from benchmarks.mask_speed import TOL, random_targets  # noqa: E402
 from benchmarks.speed import quiet_log, step_setup  # noqa: E402
+from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop  # noqa: E402
 from utils.dataloaders import check_dataset  # noqa: E402
 from utils.distill import imitation_masks  # noqa: E402
 
@@ -54,14 +56,21 @@ def timed_ms(fn, dev, repeats):
 
 
 def mask_checks(dev, imgsz, repeats):
+    """Device masks vs CPU masks: cells that differ outside and inside the per-box loop's tolerance band
+    (only inside may differ), no-sync check, ms per call."""
     targets = random_targets(16, 20, 0)
-    anchors = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in ANCHORS]
     hws = [(imgsz // s, imgsz // s) for s in STRIDES]
-    a_dev = [a.to(dev) for a in anchors]
-    crowded = random_targets(16, 60, 1)  # >= 256 boxes: the int32 counters (fewer: byte counters)
-    equal = all(torch.equal(w, g.cpu()) for t in (targets, crowded)
-                for w, g in zip(imitation_masks(t, anchors, STRIDES, hws, 16),
-                                imitation_masks(t.to(dev), a_dev, STRIDES, hws, 16)))
+    a_dev = [a.to(dev) for a in ANCHORS]
+    crowded = random_targets(16, 60, 1)  # ~500 boxes: two chunks of boxes at P3 at 640
+    outside = inside = 0
+    for t in (targets, crowded):
+        for c, d, a, s, hw in zip(imitation_masks(t, ANCHORS, STRIDES, hws, 16),
+                                  imitation_masks(t.to(dev), a_dev, STRIDES, hws, 16), ANCHORS, STRIDES, hws):
+            differ = c != d.cpu()
+            if differ.any():
+                _, doubt = imitation_mask_loop(t.double(), a, s, hw, 16, tol=TOL)
+                outside += int((differ & ~doubt).sum())
+                inside += int((differ & doubt).sum())
     t_dev = targets.to(dev)
     call = lambda: imitation_masks(t_dev, a_dev, STRIDES, hws, 16)  # noqa: E731
     no_sync = "n/a on CPU"
@@ -74,7 +83,7 @@ def mask_checks(dev, imgsz, repeats):
             no_sync = f"False ({e})"
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return equal, no_sync, timed_ms(call, dev, repeats), f"{len(targets)} and {len(crowded)} boxes"
+    return (outside, inside), no_sync, timed_ms(call, dev, repeats), f"{len(targets)} and {len(crowded)} boxes"
 
 
 def step_checks(dev, imgsz, batch, repeats):
@@ -151,8 +160,10 @@ def main():
         failed.extend([name] if not ok else [])
 
     with quiet_log():
-        equal, no_sync, mask_ms, nbox = mask_checks(dev, opt.mask_imgsz, opt.repeats)
-        check("imitation_masks on the device equal the CPU masks", equal, f"batch 16 at {opt.mask_imgsz}, {nbox}")
+        (outside, inside), no_sync, mask_ms, nbox = mask_checks(dev, opt.mask_imgsz, opt.repeats)
+        check("imitation_masks on the device equal the CPU masks", not outside,
+              f"batch 16 at {opt.mask_imgsz}, {nbox}; cells differing outside / inside the {TOL:g} band: "
+              f"{outside} / {inside}")
         check("imitation_masks: no host sync (warm call)", no_sync in (True, "n/a on CPU"), str(no_sync))
         rows.append(("imitation_masks ms per call (median)", "", f"{mask_ms:.2f} ms"))
         # untrained teacher (speed.step_setup): the plumbing is what is checked

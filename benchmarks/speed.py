@@ -1,9 +1,8 @@
 """One speed table from one run: imitation masks, plain vs distilled training step, loader, val.py, detect.py.
 
 Rows (CPU, untrained weights: speed does not depend on their values):
-  1. utils.distill.imitation_masks (3 levels at once) vs imitation_mask_reference level by level (the
-     per-image, per-box loop) and vs the same definition with box_iou per box (the original code's form),
-     random boxes (0..20 per image); also as % of a yolov5s forward+backward.
+  1. the imitation masks (3 levels) vs the per-image, per-box loop, random boxes (0..20 per image), and as
+     % of a plain yolov5s training step: benchmarks/mask_speed.py's measurement.
   2. a training step at --imgsz/--batch on a real mosaic batch of shapes.yaml, yolov5n student, yolov5s
      teacher, nc=6, through train_distill's own pieces (StudentWithImitation, teacher_features,
      load_teacher, build_imitation with the trainer's defaults and warm-up 0): (a) plain = forward +
@@ -47,12 +46,11 @@ import detect  # noqa: E402
 import train_distill  # noqa: E402
 import val  # noqa: E402
 from benchmarks.loader_speed import loader_rate  # noqa: E402
-from benchmarks.mask_speed import (ANCHORS, STRIDES, box_iou_loop_mask, elapsed_ms, random_targets,  # noqa: E402
-                                   student_step_ms)
+from benchmarks.mask_speed import elapsed_ms, mask_times, plain_step_ms, random_targets  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
-from utils.distill import imitation_mask_reference, imitation_masks, mask_coverage  # noqa: E402
+from utils.distill import mask_coverage  # noqa: E402
 from utils.files import find_file, yaml_load  # noqa: E402
 from utils.logging import LOGGER  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
@@ -94,21 +92,14 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def mask_row(batch, imgsz, repeats, fb_repeat, seed=0):
-    """(fast ms, reference ms, box_iou loop ms, yolov5s forward+backward ms, number of boxes), three levels."""
-    fb = student_step_ms(batch, imgsz, fb_repeat)  # first: leaves the allocator as training does (see mask_speed)
+def mask_row(batch, imgsz, rounds, step_repeat, seed=0):
+    """(dense ms, loop ms, plain yolov5s step ms, number of boxes), as benchmarks/mask_speed.py measures them."""
     targets = random_targets(batch, 20, seed)
-    anchors = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in ANCHORS]
-    hws = [(imgsz // s, imgsz // s) for s in STRIDES]
-    fast = lambda: imitation_masks(targets, anchors, STRIDES, hws, batch)  # noqa: E731
-    ref = lambda: [imitation_mask_reference(targets, a, s, hw, batch)  # noqa: E731
-                   for a, s, hw in zip(anchors, STRIDES, hws)]
-    if not all(torch.equal(x, y) for x, y in zip(fast(), ref())):
-        raise AssertionError("imitation_masks differs from imitation_mask_reference on the benchmark batch")
-    plain = lambda: [box_iou_loop_mask(targets, a, s, hw, batch)  # noqa: E731
-                     for a, s, hw in zip(anchors, STRIDES, hws)]
-    t = interleaved_medians({"fast": fast, "ref": ref, "plain": plain}, repeats)
-    return t["fast"], t["ref"], t["plain"], fb, len(targets)
+    step = plain_step_ms(targets, batch, imgsz, step_repeat)  # first: leaves the allocator as training does
+    t, _, outside, _, _ = mask_times(targets, batch, imgsz, rounds)
+    if outside:
+        raise AssertionError(f"imitation_masks differs from the per-box loop at {outside} cells outside the band")
+    return t["fine"], t["loop"], step, len(targets)
 
 
 def step_setup(data, imgsz, batch, tmp, device=torch.device("cpu")):
@@ -240,14 +231,12 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="speed_"))
     rows = []  # (row, what, setting, value, ratio / check)
 
-    fast, ref, plain, fb, nbox = mask_row(mask_bs, mask_sz, 3 * repeats, 1 if q else 2)
+    fast, loop, step, nbox = mask_row(mask_bs, mask_sz, 3 * repeats, 1 if q else 2)
     setting = f"batch {mask_bs} at {mask_sz}, {nbox} boxes, 3 levels"
-    rows += [("1", "imitation_mask_reference, per level (loop)", setting, f"{ref:.2f} ms", ""),
-             ("1", "same definition with box_iou per box (the original code's loop)", setting,
-              f"{plain:.2f} ms", ""),
-             ("1", "imitation_masks, 3 levels at once", setting, f"{fast:.2f} ms",
-              f"{ref / fast:.0f}x faster than the loop ({plain / fast:.0f}x the box_iou loop); "
-              f"{100 * fast / fb:.3f}% of a yolov5s fwd+bwd ({fb:.0f} ms, best of {1 if q else 2})")]
+    rows += [("1", "imitation mask, per-image per-box loop (tests/mask_reference.py)", setting, f"{loop:.2f} ms", ""),
+             ("1", "imitation_masks, dense", setting, f"{fast:.2f} ms",
+              f"{loop / fast:.0f}x faster than the loop; {100 * fast / step:.3f}% of a plain yolov5s training step "
+              f"({step:.0f} ms, best of {1 if q else 2})")]
 
     with quiet_log():
         t, cover, ntgt = step_rows(data, imgsz, batch, repeats, tmp)
@@ -293,7 +282,8 @@ def main():
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), "
                f"torch {torch.__version__} with {torch.get_num_threads()} threads")
     lines = [f"## Speed{' (--quick smoke run)' if q else ''}: {machine}", "",
-             f"Medians of {repeats} interleaved repeats (row 1: {3 * repeats}) after a warm-up; untrained weights.",
+             f"Medians of {repeats} interleaved repeats after a warm-up (row 1: best of {3 * repeats} interleaved "
+             f"rounds); untrained weights.",
              "", "| row | what | setting | time | ratio / check |", "|---|---|---|---:|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     text = "\n".join(lines) + "\n"
