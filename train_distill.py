@@ -33,7 +33,7 @@ from utils.autoanchor import check_anchors
 from utils.dataloaders import check_dataset, create_dataloader
 from utils.distill import FeatureImitation, mask_coverage
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
-from utils.logging import LOGGER, colorstr
+from utils.logging import LOGGER, UserError, cli_main, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.metrics import fitness
 from utils.plots import plot_distill_masks, plot_images, plot_labels, plot_results
@@ -484,7 +484,7 @@ def train(hyp: dict, opt, device) -> tuple:
             tb.close()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     if nonfinite >= MAX_NONFINITE:
-        raise RuntimeError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
+        raise UserError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
                            f"no checkpoint was written from the diverged weights")
     return results
 
@@ -624,8 +624,4 @@ def run(**kwargs):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_opt())
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: one clear line, no traceback
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(1)
+    cli_main(main, parse_opt)

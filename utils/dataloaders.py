@@ -35,7 +35,7 @@ from tqdm import tqdm
 from utils.augmentations import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.files import ROOT, find_file, yaml_load
-from utils.logging import LOGGER
+from utils.logging import LOGGER, UserError
 from utils.torch_utils import torch_distributed_zero_first
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
@@ -445,7 +445,7 @@ class LoadImagesAndLabels(Dataset):
         counts = _report(entries, cache_path.parent / cache_path.stem, from_cache, prefix)
         good = [i for i, e in enumerate(entries) if e["status"] != "corrupt"]
         if not good:
-            raise RuntimeError(f"{prefix}No usable images in {path}: {counts['corrupt']} corrupt of "
+            raise UserError(f"{prefix}No usable images in {path}: {counts['corrupt']} corrupt of "
                                f"{len(entries)} (see the warnings above)")
         if counts["found"] == 0 and augment:
             LOGGER.warning(f"{prefix}WARNING ⚠️ No labels found in {path}: training will learn nothing")
@@ -570,7 +570,7 @@ class LoadImagesAndLabels(Dataset):
             except ImageLoadError as e:  # unreadable since the scan: warn, use another image
                 LOGGER.warning(f"{self.prefix}WARNING ⚠️ {e}; using another image instead")
                 index = random.randrange(len(self))
-        raise RuntimeError(f"{self.prefix}10 images in a row could not be read; is the data set still there?")
+        raise UserError(f"{self.prefix}10 images in a row could not be read; is the data set still there?")
 
     def _get(self, index):
         index = self.indices[index]
