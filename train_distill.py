@@ -147,10 +147,30 @@ def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: li
         student_ch = [m.in_channels for m in s_det.m]
         teacher_ch = [t_det.m[j].in_channels for j in levels]
     return FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask, thresh=opt.distill_thresh,
-                            weight=opt.distill_weight, warmup=opt.distill_warmup,
+                            weight=opt.distill_weight, warmup=opt.distill_warmup or 0,  # set once nb is known
                             adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
                             anchor_t=anchor_t if opt.distill_assign else None,
                             normalize=None if opt.distill_norm == "none" else opt.distill_norm)
+
+
+DISTILL_WARMUP = 100  # default imitation warm-up (iterations): the trainer's minimum LR warm-up
+
+
+def distill_warmup(warmup: int | None, nb: int, epochs: int) -> int:
+    """The imitation warm-up for a run of nb batches x epochs: --distill-warmup as given (with a warning
+    when the term would never start), or by default DISTILL_WARMUP capped to half the run."""
+    total = nb * epochs
+    if warmup is None:
+        warmup = min(DISTILL_WARMUP, total // 2)
+        if warmup < DISTILL_WARMUP:
+            LOGGER.warning(f"WARNING ⚠️ distill: warm-up shortened to {warmup} iterations, half of this run's "
+                           f"{total} ({nb} batches x {epochs} epochs); the default {DISTILL_WARMUP} needs a run of "
+                           f"at least {2 * DISTILL_WARMUP} iterations")
+    elif warmup >= total:
+        LOGGER.warning(f"WARNING ⚠️ distill: --distill-warmup {warmup} >= this run's {total} iterations ({nb} "
+                       f"batches x {epochs} epochs): the imitation term stays 0 for the whole run, which trains as a "
+                       f"baseline with the teacher loaded; pass a smaller --distill-warmup or more epochs")
+    return warmup
 
 
 def head_as_image(p: torch.Tensor) -> torch.Tensor:
@@ -271,6 +291,8 @@ def train(hyp: dict, opt, device) -> tuple:
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
     nb = len(train_loader)
+    if imitation is not None:
+        imitation.warmup = opt.distill_warmup = distill_warmup(opt.distill_warmup, nb, epochs)
     val_loader = None
     if main_process:
         val_loader = create_dataloader(val_path, imgsz, max(batch_size // WORLD_SIZE * 2, 1), gs, single_cls,
@@ -544,8 +566,9 @@ def parse_opt(known: bool = False, argv=None):
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
     kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
-    kd.add_argument("--distill-warmup", type=int, default=100,
-                    help="iterations without imitation at the start (the trainer's minimum LR warm-up)")
+    kd.add_argument("--distill-warmup", type=int, default=None,
+                    help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's minimum "
+                         f"LR warm-up, or half the run's iterations when it is shorter than {2 * DISTILL_WARMUP})")
     kd.add_argument("--distill-adapter", choices=["1x1", "3x3"], default="1x1",
                     help="student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU")
     kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
