@@ -516,7 +516,7 @@ def distill_record(opt) -> dict:
     return {"teacher": str(opt.teacher), "teacher_sha256": file_sha256(opt.teacher), "target": opt.distill_target,
             "mask": opt.distill_mask, "thresh": opt.distill_thresh, "weight": opt.distill_weight,
             "warmup": opt.distill_warmup, "adapter": opt.distill_adapter, "assign": bool(opt.distill_assign),
-            "normalize": opt.distill_norm}
+            "normalize": opt.distill_norm, "previous_teachers": getattr(opt, "previous_teachers", [])}
 
 
 def parse_opt(known: bool = False, argv=None):
@@ -573,6 +573,8 @@ def parse_opt(known: bool = False, argv=None):
                     help="student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU")
     kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
+    kd.add_argument("--teacher-changed-ok", action="store_true",
+                    help="--resume even though the teacher file changed since the run started (both are recorded)")
     kd.add_argument("--distill-norm", choices=["none", "channel"], default="none",
                     help="divide each level's imitation term by its channel count")
     return parser.parse_known_args(argv)[0] if known else parser.parse_args(argv)
@@ -594,12 +596,31 @@ def resolve_resume(opt):
         raise ValueError(f"--resume {last}: the checkpoint holds no training arguments (not a training run's last.pt)")
     if ckpt.get("optimizer") is None:
         raise ValueError(f"--resume {last}: the optimiser state was stripped (training finished); nothing to resume")
-    keep = {"device": opt.device, "workers": opt.workers}
+    keep = {"device": opt.device, "workers": opt.workers, "teacher_changed_ok": opt.teacher_changed_ok}
     opt = argparse.Namespace(**{**vars(parse_opt(True, [])), **ckpt["opt"]})
-    opt.device, opt.workers = keep["device"], keep["workers"]
+    opt.device, opt.workers, opt.teacher_changed_ok = keep["device"], keep["workers"], keep["teacher_changed_ok"]
+    check_resumed_teacher(opt, ckpt, last)
     opt.weights, opt.resume, opt.cfg = str(last), True, ""
     opt.save_dir = str(last.parent.parent)
     return opt
+
+
+def check_resumed_teacher(opt, ckpt, last):
+    """--resume with a teacher file whose content differs from the run's: refused unless --teacher-changed-ok,
+    which keeps the earlier teacher in opt.previous_teachers (and so in the distill record)."""
+    started = (ckpt.get("distill") or {}).get("teacher_sha256")
+    now = file_sha256(opt.teacher) if opt.teacher else None
+    if not started or not now or now == started:  # not distilling, or a missing teacher (its load will say)
+        return
+    if not opt.teacher_changed_ok:
+        raise ValueError(f"--resume {last}: the teacher {opt.teacher} has changed since the run started (SHA-256 "
+                         f"{started[:12]}... in the checkpoint, {now[:12]}... now); put the original file back, or "
+                         f"pass --teacher-changed-ok to continue with this teacher (both are recorded)")
+    LOGGER.warning(f"WARNING ⚠️ --teacher-changed-ok: resuming with a changed teacher {opt.teacher} (SHA-256 "
+                   f"{started[:12]}... until epoch {ckpt['epoch']}, {now[:12]}... from now on)")
+    opt.previous_teachers = [*getattr(opt, "previous_teachers", []),
+                             {"teacher": ckpt["distill"].get("teacher"), "teacher_sha256": started,
+                              "last_epoch": int(ckpt["epoch"])}]
 
 
 def main(opt):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_distill
-from tests.conftest import read_csv
+from tests.conftest import killed_after_first_epoch, read_csv
 from tests.test_train_distill import kd_run, make_teacher
 
 
@@ -39,3 +39,26 @@ def test_warm_up_longer_than_the_run_warns(tiny_data, tiny_cfg, tmp_path, logs):
 def test_distill_warmup_values(warmup, nb, epochs, expected, warns, logs):
     assert train_distill.distill_warmup(warmup, nb, epochs) == expected
     assert bool(logs) == warns
+
+
+def test_resume_with_a_changed_teacher(tiny_data, tiny_cfg, tmp_path, monkeypatch, logs):
+    """The teacher file is replaced between the kill and --resume: refused, unless --teacher-changed-ok,
+    and then the record names both teachers."""
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    killed_after_first_epoch(monkeypatch, lambda: kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2))
+    last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
+    started = torch.load(last, weights_only=True)["distill"]["teacher_sha256"]
+    assert started == train_distill.file_sha256(teacher)
+    ck = torch.load(teacher, weights_only=True)  # same architecture (the adapters still fit), other weights
+    ck["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, teacher)
+    now = train_distill.file_sha256(teacher)
+
+    with pytest.raises(ValueError, match=rf"teacher {teacher} has changed .*{started[:12]}.*{now[:12]}.*"
+                                         r"--teacher-changed-ok"):
+        train_distill.run(resume=str(last))
+    opt = train_distill.run(resume=str(last), teacher_changed_ok=True)
+    rec = torch.load(Path(opt.save_dir) / "weights" / "last.pt", weights_only=True)["distill"]
+    assert rec["teacher_sha256"] == now
+    assert rec["previous_teachers"] == [{"teacher": str(teacher), "teacher_sha256": started, "last_epoch": 0}]
+    assert any("resuming with a changed teacher" in m for m in logs)
