@@ -1,7 +1,11 @@
 """Data layer: data yaml forms, label checks and their cache, the Dataset/DataLoader contract, shapes set."""
 import functools
+import io
 import json
+import re
+import shutil
 import socket
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -115,7 +119,49 @@ def test_download_steps(tmp_path, monkeypatch):
         for f in src.rglob("*"):
             z.write(f, f.relative_to(src))
     d = check_dataset({**base, "download": url})
-    assert Path(d["val"]).is_dir() and not (tmp_path / "zipped.zip").exists()
+    assert Path(d["val"]).is_dir() and (tmp_path / "zipped.zip").is_file()  # the user's archive is kept
+
+
+def _archive(path, entries):
+    """A zip or tar archive holding each (name, text) entry under exactly that name."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as z:
+            for name, text in entries:
+                z.writestr(name, text)
+        return path
+    with tarfile.open(path, "w") as t:
+        for name, text in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            t.addfile(info, io.BytesIO(text.encode()))
+    return path
+
+
+@pytest.mark.parametrize("kind", [".zip", ".tar"])
+@pytest.mark.parametrize("bad", ["../escape.txt", "/tmp/abs_escape.txt", "zipped/../../escape.txt"])
+def test_archive_entries_outside_the_set_are_refused(tmp_path, monkeypatch, kind, bad):
+    """A hand-placed archive with one entry that climbs out: refused naming the entry, before the good
+    entries are written, and the archive is left where the user put it."""
+    root = tmp_path / "datasets"
+    root.mkdir()
+    monkeypatch.setattr(dl, "DATASETS_DIR", root)
+    archive = _archive(root / f"zipped{kind}", [("zipped/images/train/a.txt", "first"), (bad, "x"),
+                                               ("zipped/images/val/b.txt", "last")])
+    d = {"path": "zipped", "train": "images/train", "val": "images/val", "names": ["a"],
+         "download": f"http://127.0.0.1:9/zipped{kind}"}
+    with pytest.raises(ValueError, match=rf"zipped\{kind}: entry '{re.escape(bad)}' points outside"):
+        check_dataset(d)
+    assert sorted(p.name for p in root.iterdir()) == [f"zipped{kind}"]  # nothing unpacked, archive kept
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_downloaded_archive_is_deleted_once_unpacked(tmp_path, monkeypatch):
+    monkeypatch.setattr(dl, "DATASETS_DIR", tmp_path)
+    served = _archive(tmp_path / "served.zip", [("dl/images/train/a.jpg", "x"), ("dl/images/val/b.jpg", "y")])
+    monkeypatch.setattr(dl, "_fetch", lambda url, f, src: shutil.copy(served, f))
+    d = check_dataset({"path": "dl", "train": "images/train", "val": "images/val", "names": ["a"],
+                       "download": "http://127.0.0.1:9/dl.zip"})
+    assert Path(d["train"], "a.jpg").read_text() == "x" and not (tmp_path / "dl.zip").exists()
 
 
 def test_voc_conversion_offline(tmp_path):

@@ -179,22 +179,43 @@ def _run_download(spec, d, src):
 
 
 def _fetch_and_unpack(url, dest, src):
-    """Download an archive into dest and unpack it there; an archive already in dest is just unpacked."""
+    """Download an archive into dest and unpack it there; an archive already in dest (put there by hand) is
+    unpacked and kept, a downloaded one is deleted once unpacked."""
     dest.mkdir(parents=True, exist_ok=True)
     f = dest / Path(url).name
-    if f.is_file():
+    by_hand = f.is_file()
+    if by_hand:
         LOGGER.info(f"Unpacking {f} (already present)")
     else:
         _fetch(url, f, src)
     if f.suffix == ".zip":
         with zipfile.ZipFile(f) as z:
-            z.extractall(dest)  # zipfile drops absolute paths and '..' components
+            for info in z.infolist():  # every entry checked before anything is written
+                _check_archive_entry(f, info.filename)
+            z.extractall(dest)
     elif f.name.endswith((".tar", ".tar.gz", ".tgz")):
         with tarfile.open(f) as t:
-            t.extractall(dest, filter="data")
+            members = t.getmembers()
+            for m in members:
+                _check_archive_entry(f, m.name)
+                if m.issym() or m.islnk():
+                    _check_archive_entry(f, m.linkname, f"link '{m.name}' ->")
+                elif not (m.isfile() or m.isdir()):
+                    raise ValueError(f"{f}: entry '{m.name}' is not a file or folder; refusing to unpack the archive")
+            t.extractall(dest, members=members, filter="data")
     else:
         return
-    f.unlink()
+    if not by_hand:
+        f.unlink()
+
+
+def _check_archive_entry(archive, name, what="entry"):
+    """Refuse an archive entry (or link target) that is absolute or climbs out with '..': it would land
+    outside the set's folder (zipfile silently drops such parts, tarfile's data filter stops halfway)."""
+    parts = re.split(r"[/\\]", name)
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise ValueError(f"{archive}: {what} '{name}' points outside the folder it unpacks into; refusing to unpack "
+                         f"the archive (nothing was unpacked)")
 
 
 def _fetch(url, f, src):
