@@ -5,6 +5,8 @@ import json
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -398,6 +400,17 @@ def test_generator_deterministic(tmp_path):
             assert 76 <= h <= 116 and 76 <= w <= 116  # 96 +/- 20%
     with pytest.raises(FileExistsError):
         main(["--out", str(tmp_path / "a"), "--n-train", "1", "--n-val", "1"])
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_generator_runs_as_a_script_and_as_a_module(tmp_path, how):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "data" / "shapes_generator.py")] if how == "script" else \
+        [sys.executable, "-m", "data.shapes_generator"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "s"), "--n-train", "1", "--n-val", "1", "--size", "32"],
+                       cwd=tmp_path if how == "script" else root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "s" / "images").rglob("*.jpg"))) == 2
 
 
 def test_generator_labels_match_pixels():
