@@ -201,10 +201,7 @@ def train(hyp: dict, opt, device) -> tuple:
     main_process = RANK in (-1, 0)
     w = save_dir / "weights"
     last, best = w / "last.pt", w / "best.pt"
-    if main_process:
-        w.mkdir(parents=True, exist_ok=True)
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
+    given_hyp = dict(hyp)  # hyp.yaml records it as given: weight decay and loss gains are scaled below
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     plots = not opt.noplots
     cuda = device.type == "cuda"
@@ -298,6 +295,11 @@ def train(hyp: dict, opt, device) -> tuple:
         val_loader = create_dataloader(val_path, imgsz, max(batch_size // WORLD_SIZE * 2, 1), gs, single_cls,
                                        hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
                                        workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=nc)[0]
+        # the run folder is made only now that data, model, teacher and loaders have loaded: an ERROR
+        # before this point leaves nothing behind
+        w.mkdir(parents=True, exist_ok=True)
+        yaml_save(save_dir / "hyp.yaml", given_hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
         if not opt.resume:
             if not opt.noautoanchor:
                 if opt.teacher and opt.distill_target == "head":

@@ -238,6 +238,20 @@ def test_corrupt_files_skipped_and_counted(tmp_path, logs):
     assert ds.labels[ds.im_files.index(str(img_dir / "tolerated.jpg"))][0, 3] == 1.0  # clipped
 
 
+def test_a_list_scanned_as_train_and_val_warns_once(tmp_path, logs):
+    """train and val naming the same .txt list (or folder, as coco128.yaml does): a missing entry is one
+    warning, though both splits count it."""
+    for i in range(2):
+        write_pair(tmp_path, "t", f"im{i}", "0 0.5 0.5 0.4 0.4\n")
+    lst = tmp_path / "list.txt"
+    lst.write_text("images/t/im0.jpg\nimages/t/gone.jpg\nimages/t/im1.jpg\n")
+    for prefix in ("train: ", "val: "):
+        assert len(dl.LoadImagesAndLabels(lst, img_size=64, prefix=prefix)) == 2
+    assert sum("gone.jpg" in m and "WARNING" in m for m in logs) == 1
+    assert sum(m.endswith("2 found, 0 missing, 0 empty, 1 corrupt") for m in logs) == 1
+    assert sum(m.endswith("2 found, 0 missing, 0 empty, 1 corrupt (from cache)") for m in logs) == 1
+
+
 def test_corrupt_reasons_named(tmp_path):
     write_pair(tmp_path, "t", "a", "0 0.5 0.5 0.5\n")
     e = dl.verify_image_label(str(tmp_path / "images/t/a.jpg"), str(tmp_path / "labels/t/a.txt"))

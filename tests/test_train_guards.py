@@ -4,10 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import train_distill
 from tests.conftest import killed_after_first_epoch, read_csv
 from tests.test_train_distill import kd_run, make_teacher
+from tests.test_train import tiny_run
+from utils.logging import UserError
 
 
 def test_default_warm_up_fits_a_short_run(tiny_data, tiny_cfg, tmp_path, logs):
@@ -62,3 +65,24 @@ def test_resume_with_a_changed_teacher(tiny_data, tiny_cfg, tmp_path, monkeypatc
     assert rec["teacher_sha256"] == now
     assert rec["previous_teachers"] == [{"teacher": str(teacher), "teacher_sha256": started, "last_epoch": 0}]
     assert any("resuming with a changed teacher" in m for m in logs)
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_data, tiny_cfg, tmp_path):
+    """Every early ERROR (data, weights, teacher, loaders) leaves the project folder empty; a run that
+    starts makes its folder as before."""
+    not_ckpt = tmp_path / "bad.pt"
+    not_ckpt.write_bytes(b"not a checkpoint")
+    d = yaml.safe_load(tiny_data.read_text())
+    no_images = tmp_path / "no_images.yaml"
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    no_images.write_text(yaml.safe_dump({**d, "val": str(tmp_path / "empty" / "images")}))
+    p6_teacher = make_teacher(tmp_path / "p6.pt", base="yolov5s6.yaml", width=0.125)
+    failures = [dict(data=str(tmp_path / "missing.yaml")), dict(weights=str(not_ckpt)), dict(batch_size=0),
+                dict(teacher=str(tmp_path / "no_teacher.pt")), dict(teacher=str(p6_teacher), imgsz=96),
+                dict(data=str(no_images))]  # the val loader: the last step before the folder is made
+    for kw in failures:
+        with pytest.raises((ValueError, OSError, UserError)):
+            tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=1, **kw)
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), kw
+    opt = tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=1)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["exp"] and Path(opt.save_dir, "opt.yaml").is_file()

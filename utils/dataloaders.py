@@ -415,13 +415,18 @@ def scan_labels(path, im_files, label_files, prefix=""):
     return entries, cache_path, False
 
 
+_WARNED = set()  # (image, message) pairs already warned about: a list scanned as train and val warns once
+
+
 def _report(entries, where, from_cache, prefix):
     counts = dict.fromkeys(STATUSES, 0)
     for e in entries:
         counts[e["status"]] += 1
     LOGGER.info(f"{prefix}Scanning {where}... {counts['found']} found, {counts['missing']} missing, "
                 f"{counts['empty']} empty, {counts['corrupt']} corrupt" + (" (from cache)" if from_cache else ""))
-    msgs = [f"{prefix}WARNING ⚠️ {e['im']}: {e['msg']}" for e in entries if e["msg"]]
+    new = [(e["im"], e["msg"]) for e in entries if e["msg"] and (e["im"], e["msg"]) not in _WARNED]
+    _WARNED.update(new)
+    msgs = [f"{prefix}WARNING ⚠️ {im}: {msg}" for im, msg in new]
     for m in msgs[:MAX_WARNINGS]:
         LOGGER.warning(m)
     if len(msgs) > MAX_WARNINGS:
