@@ -454,7 +454,8 @@ def train(hyp: dict, opt, device) -> tuple:
         if main_process:
             ema.update_attr(model)
             final_epoch = epoch + 1 == epochs or stopper.patience <= epoch - stopper.best_epoch + 1
-            if not opt.noval or final_epoch:
+            validated = not opt.noval or final_epoch
+            if validated:
                 results, maps, _ = validate.run(data=data_dict, batch_size=max(batch_size // WORLD_SIZE * 2, 1),
                                                 imgsz=imgsz, half=amp, model=ema.ema, single_cls=single_cls,
                                                 dataloader=val_loader, save_dir=save_dir, plots=False,
@@ -466,11 +467,13 @@ def train(hyp: dict, opt, device) -> tuple:
                 best_fitness = fi
             stop = stopper(epoch=epoch, fitness_value=fi) or stop
 
-            row = [epoch, *mloss.tolist(), *results, *lr]
+            # an epoch left unvalidated (--noval) has empty metric and val-loss cells, not zeros
+            row = [epoch, *mloss.tolist(), *(results if validated else [""] * len(results)), *lr]
             with open(save_dir / "results.csv", "a", newline="") as f:
                 csv.writer(f).writerow([f"{x:.6g}" if isinstance(x, float) else x for x in row])
             for k, v in zip(CSV_KEYS[1:], row[1:]):
-                tb.add_scalar(k, float(v), epoch)
+                if v != "":
+                    tb.add_scalar(k, float(v), epoch)
 
             if not opt.nosave or final_epoch:
                 record = dict(model=de_parallel(model), ema=ema.ema, updates=ema.updates, optimizer=optimizer,

@@ -86,3 +86,41 @@ def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_data, tiny_c
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), kw
     opt = tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=1)
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["exp"] and Path(opt.save_dir, "opt.yaml").is_file()
+
+
+def test_noval_leaves_unvalidated_metrics_empty_and_unplotted(tiny_data, tiny_cfg, tmp_path, monkeypatch):
+    """--noval: epochs before the last have empty metric and val-loss cells in results.csv, and
+    results.png draws those panels from the validated epoch only."""
+    from matplotlib.axes import Axes
+
+    drawn = {}
+    real_plot, real_title = Axes.plot, Axes.set_title
+
+    def plot(self, x, y, *a, **k):
+        self._drawn = (list(x), list(y))
+        return real_plot(self, x, y, *a, **k)
+
+    def set_title(self, title, *a, **k):
+        drawn[title] = getattr(self, "_drawn", None)
+        return real_title(self, title, *a, **k)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    monkeypatch.setattr(Axes, "set_title", set_title)
+    opt = tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=3, noval=True, noplots=False)
+    rows = read_csv(Path(opt.save_dir) / "results.csv")
+    unvalidated = [k for k in rows[0] if k.startswith(("metrics/", "val/"))]
+    assert len(unvalidated) == 7
+    for r in rows[:2]:
+        assert all(r[k] == "" for k in unvalidated) and float(r["train/box_loss"]) > 0
+    assert all(rows[2][k] != "" for k in unvalidated)
+    assert (Path(opt.save_dir) / "results.png").is_file()
+    assert drawn["metrics/mAP_0.5"] == ([2.0], [float(rows[2]["metrics/mAP_0.5"])])
+    assert drawn["train/box_loss"][0] == [0.0, 1.0, 2.0]
+
+
+def test_learning_curve_reads_only_validated_epochs(tmp_path):
+    from benchmarks.learning_curve import read_curve
+
+    f = tmp_path / "results.csv"
+    f.write_text("epoch,train/box_loss,metrics/mAP_0.5,metrics/mAP_0.5:0.95\n0,0.1,,\n1,0.09,,\n2,0.08,0.5,0.25\n")
+    assert read_curve(f) == [(2, 0.5, 0.25)]
