@@ -512,7 +512,7 @@ def train(hyp: dict, opt, device) -> tuple:
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     if nonfinite >= MAX_NONFINITE:
         raise UserError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
-                           f"no checkpoint was written from the diverged weights")
+                        f"no checkpoint was written from the diverged weights")
     return results
 
 
