@@ -17,7 +17,7 @@ import torch
 
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywh
 from utils.files import ROOT, find_file, increment_path, yaml_load
-from utils.logging import LOGGER
+from utils.logging import LOGGER, cli_main
 from utils.sources import load_source
 from utils.torch_utils import select_device, time_sync
 
@@ -379,4 +379,4 @@ def main(opt):
 
 
 if __name__ == "__main__":
-    main(parse_opt())
+    cli_main(main, parse_opt)

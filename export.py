@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.logging import LOGGER, colorstr
+from utils.logging import LOGGER, cli_main, colorstr
 from utils.torch_utils import select_device
 
 FORMATS = ("onnx",)
@@ -202,4 +202,4 @@ def main(opt):
 
 
 if __name__ == "__main__":
-    main(parse_opt())
+    cli_main(main, parse_opt)

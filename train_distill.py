@@ -33,7 +33,7 @@ from utils.autoanchor import check_anchors
 from utils.dataloaders import check_dataset, create_dataloader
 from utils.distill import FeatureImitation, mask_coverage
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
-from utils.logging import LOGGER, colorstr
+from utils.logging import LOGGER, UserError, cli_main, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.metrics import fitness
 from utils.plots import plot_distill_masks, plot_images, plot_labels, plot_results
@@ -147,10 +147,30 @@ def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: li
         student_ch = [m.in_channels for m in s_det.m]
         teacher_ch = [t_det.m[j].in_channels for j in levels]
     return FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask, thresh=opt.distill_thresh,
-                            weight=opt.distill_weight, warmup=opt.distill_warmup,
+                            weight=opt.distill_weight, warmup=opt.distill_warmup or 0,  # set once nb is known
                             adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
                             anchor_t=anchor_t if opt.distill_assign else None,
                             normalize=None if opt.distill_norm == "none" else opt.distill_norm)
+
+
+DISTILL_WARMUP = 100  # default imitation warm-up (iterations): the trainer's minimum LR warm-up
+
+
+def distill_warmup(warmup: int | None, nb: int, epochs: int) -> int:
+    """The imitation warm-up for a run of nb batches x epochs: --distill-warmup as given (with a warning
+    when the term would never start), or by default DISTILL_WARMUP capped to half the run."""
+    total = nb * epochs
+    if warmup is None:
+        warmup = min(DISTILL_WARMUP, total // 2)
+        if warmup < DISTILL_WARMUP:
+            LOGGER.warning(f"WARNING ⚠️ distill: warm-up shortened to {warmup} iterations, half of this run's "
+                           f"{total} ({nb} batches x {epochs} epochs); the default {DISTILL_WARMUP} needs a run of "
+                           f"at least {2 * DISTILL_WARMUP} iterations")
+    elif warmup >= total:
+        LOGGER.warning(f"WARNING ⚠️ distill: --distill-warmup {warmup} >= this run's {total} iterations ({nb} "
+                       f"batches x {epochs} epochs): the imitation term stays 0 for the whole run, which trains as a "
+                       f"baseline with the teacher loaded; pass a smaller --distill-warmup or more epochs")
+    return warmup
 
 
 def head_as_image(p: torch.Tensor) -> torch.Tensor:
@@ -181,10 +201,7 @@ def train(hyp: dict, opt, device) -> tuple:
     main_process = RANK in (-1, 0)
     w = save_dir / "weights"
     last, best = w / "last.pt", w / "best.pt"
-    if main_process:
-        w.mkdir(parents=True, exist_ok=True)
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
+    given_hyp = dict(hyp)  # hyp.yaml records it as given: weight decay and loss gains are scaled below
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     plots = not opt.noplots
     cuda = device.type == "cuda"
@@ -271,11 +288,18 @@ def train(hyp: dict, opt, device) -> tuple:
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
     nb = len(train_loader)
+    if imitation is not None:
+        imitation.warmup = opt.distill_warmup = distill_warmup(opt.distill_warmup, nb, epochs)
     val_loader = None
     if main_process:
         val_loader = create_dataloader(val_path, imgsz, max(batch_size // WORLD_SIZE * 2, 1), gs, single_cls,
                                        hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
                                        workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=nc)[0]
+        # the run folder is made only now that data, model, teacher and loaders have loaded: an ERROR
+        # before this point leaves nothing behind
+        w.mkdir(parents=True, exist_ok=True)
+        yaml_save(save_dir / "hyp.yaml", given_hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
         if not opt.resume:
             if not opt.noautoanchor:
                 if opt.teacher and opt.distill_target == "head":
@@ -430,7 +454,8 @@ def train(hyp: dict, opt, device) -> tuple:
         if main_process:
             ema.update_attr(model)
             final_epoch = epoch + 1 == epochs or stopper.patience <= epoch - stopper.best_epoch + 1
-            if not opt.noval or final_epoch:
+            validated = not opt.noval or final_epoch
+            if validated:
                 results, maps, _ = validate.run(data=data_dict, batch_size=max(batch_size // WORLD_SIZE * 2, 1),
                                                 imgsz=imgsz, half=amp, model=ema.ema, single_cls=single_cls,
                                                 dataloader=val_loader, save_dir=save_dir, plots=False,
@@ -442,11 +467,13 @@ def train(hyp: dict, opt, device) -> tuple:
                 best_fitness = fi
             stop = stopper(epoch=epoch, fitness_value=fi) or stop
 
-            row = [epoch, *mloss.tolist(), *results, *lr]
+            # an epoch left unvalidated (--noval) has empty metric and val-loss cells, not zeros
+            row = [epoch, *mloss.tolist(), *(results if validated else [""] * len(results)), *lr]
             with open(save_dir / "results.csv", "a", newline="") as f:
                 csv.writer(f).writerow([f"{x:.6g}" if isinstance(x, float) else x for x in row])
             for k, v in zip(CSV_KEYS[1:], row[1:]):
-                tb.add_scalar(k, float(v), epoch)
+                if v != "":
+                    tb.add_scalar(k, float(v), epoch)
 
             if not opt.nosave or final_epoch:
                 record = dict(model=de_parallel(model), ema=ema.ema, updates=ema.updates, optimizer=optimizer,
@@ -484,8 +511,8 @@ def train(hyp: dict, opt, device) -> tuple:
             tb.close()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     if nonfinite >= MAX_NONFINITE:
-        raise RuntimeError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
-                           f"no checkpoint was written from the diverged weights")
+        raise UserError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
+                        f"no checkpoint was written from the diverged weights")
     return results
 
 
@@ -494,7 +521,7 @@ def distill_record(opt) -> dict:
     return {"teacher": str(opt.teacher), "teacher_sha256": file_sha256(opt.teacher), "target": opt.distill_target,
             "mask": opt.distill_mask, "thresh": opt.distill_thresh, "weight": opt.distill_weight,
             "warmup": opt.distill_warmup, "adapter": opt.distill_adapter, "assign": bool(opt.distill_assign),
-            "normalize": opt.distill_norm}
+            "normalize": opt.distill_norm, "previous_teachers": getattr(opt, "previous_teachers", [])}
 
 
 def parse_opt(known: bool = False, argv=None):
@@ -544,12 +571,15 @@ def parse_opt(known: bool = False, argv=None):
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
     kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
-    kd.add_argument("--distill-warmup", type=int, default=100,
-                    help="iterations without imitation at the start (the trainer's minimum LR warm-up)")
+    kd.add_argument("--distill-warmup", type=int, default=None,
+                    help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's minimum "
+                         f"LR warm-up, or half the run's iterations when it is shorter than {2 * DISTILL_WARMUP})")
     kd.add_argument("--distill-adapter", choices=["1x1", "3x3"], default="1x1",
                     help="student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU")
     kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
+    kd.add_argument("--teacher-changed-ok", action="store_true",
+                    help="--resume even though the teacher file changed since the run started (both are recorded)")
     kd.add_argument("--distill-norm", choices=["none", "channel"], default="none",
                     help="divide each level's imitation term by its channel count")
     return parser.parse_known_args(argv)[0] if known else parser.parse_args(argv)
@@ -571,12 +601,31 @@ def resolve_resume(opt):
         raise ValueError(f"--resume {last}: the checkpoint holds no training arguments (not a training run's last.pt)")
     if ckpt.get("optimizer") is None:
         raise ValueError(f"--resume {last}: the optimiser state was stripped (training finished); nothing to resume")
-    keep = {"device": opt.device, "workers": opt.workers}
+    keep = {"device": opt.device, "workers": opt.workers, "teacher_changed_ok": opt.teacher_changed_ok}
     opt = argparse.Namespace(**{**vars(parse_opt(True, [])), **ckpt["opt"]})
-    opt.device, opt.workers = keep["device"], keep["workers"]
+    opt.device, opt.workers, opt.teacher_changed_ok = keep["device"], keep["workers"], keep["teacher_changed_ok"]
+    check_resumed_teacher(opt, ckpt, last)
     opt.weights, opt.resume, opt.cfg = str(last), True, ""
     opt.save_dir = str(last.parent.parent)
     return opt
+
+
+def check_resumed_teacher(opt, ckpt, last):
+    """--resume with a teacher file whose content differs from the run's: refused unless --teacher-changed-ok,
+    which keeps the earlier teacher in opt.previous_teachers (and so in the distill record)."""
+    started = (ckpt.get("distill") or {}).get("teacher_sha256")
+    now = file_sha256(opt.teacher) if opt.teacher else None
+    if not started or not now or now == started:  # not distilling, or a missing teacher (its load will say)
+        return
+    if not opt.teacher_changed_ok:
+        raise ValueError(f"--resume {last}: the teacher {opt.teacher} has changed since the run started (SHA-256 "
+                         f"{started[:12]}... in the checkpoint, {now[:12]}... now); put the original file back, or "
+                         f"pass --teacher-changed-ok to continue with this teacher (both are recorded)")
+    LOGGER.warning(f"WARNING ⚠️ --teacher-changed-ok: resuming with a changed teacher {opt.teacher} (SHA-256 "
+                   f"{started[:12]}... until epoch {ckpt['epoch']}, {now[:12]}... from now on)")
+    opt.previous_teachers = [*getattr(opt, "previous_teachers", []),
+                             {"teacher": ckpt["distill"].get("teacher"), "teacher_sha256": started,
+                              "last_epoch": int(ckpt["epoch"])}]
 
 
 def main(opt):
@@ -624,8 +673,4 @@ def run(**kwargs):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_opt())
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: one clear line, no traceback
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(1)
+    cli_main(main, parse_opt)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.files import ROOT, increment_path
-from utils.logging import LOGGER, colorstr
+from utils.logging import LOGGER, cli_main, colorstr
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, ap_per_class, match_predictions
 from utils.torch_utils import count_flops, select_device, time_sync
 
@@ -487,4 +487,4 @@ def main(opt):
 
 
 if __name__ == "__main__":
-    main(parse_opt())
+    cli_main(main, parse_opt)

@@ -23,10 +23,12 @@ from benchmarks.distill_gain import train  # noqa: E402  (train one run unless i
 
 
 def read_curve(results_csv):
-    """[(epoch, mAP50, mAP50-95)] from a run's results.csv (column names as the trainer writes them)."""
+    """[(epoch, mAP50, mAP50-95)] of the validated epochs in a run's results.csv (column names as the trainer
+    writes them; an epoch left unvalidated by --noval has empty metric cells)."""
     with open(results_csv, newline="") as f:
-        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
-    return [(int(r["epoch"]), float(r["metrics/mAP_0.5"]), float(r["metrics/mAP_0.5:0.95"])) for r in rows]
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(f)]
+    return [(int(r["epoch"]), float(r["metrics/mAP_0.5"]), float(r["metrics/mAP_0.5:0.95"])) for r in rows
+            if r["metrics/mAP_0.5"] and r["metrics/mAP_0.5:0.95"]]
 
 
 def main(argv=None):

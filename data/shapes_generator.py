@@ -13,17 +13,21 @@ byte-identical files. A shape hidden by more than MAX_OCCLUDED of its area is le
 image altogether; the label of a kept shape is its full box even where partly covered.
 
     python -m data.shapes_generator --out DIR --n-train 800 --n-val 200 --seed 0 --size 128
+    python data/shapes_generator.py --out DIR     # the same, as a script
 """
 import argparse
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from utils.logging import LOGGER
+if not __package__:  # run as a script: the repository's packages are not on the path yet
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.logging import LOGGER  # noqa: E402
 
 CLASSES = ("circle", "ellipse", "square", "rectangle", "hexagon", "star")
 MIN_OBJ, MAX_OBJ = 16, 64  # object size range in pixels (long side of the shape)

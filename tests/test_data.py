@@ -1,7 +1,13 @@
 """Data layer: data yaml forms, label checks and their cache, the Dataset/DataLoader contract, shapes set."""
 import functools
+import io
 import json
+import re
+import shutil
 import socket
+import subprocess
+import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -115,7 +121,49 @@ def test_download_steps(tmp_path, monkeypatch):
         for f in src.rglob("*"):
             z.write(f, f.relative_to(src))
     d = check_dataset({**base, "download": url})
-    assert Path(d["val"]).is_dir() and not (tmp_path / "zipped.zip").exists()
+    assert Path(d["val"]).is_dir() and (tmp_path / "zipped.zip").is_file()  # the user's archive is kept
+
+
+def _archive(path, entries):
+    """A zip or tar archive holding each (name, text) entry under exactly that name."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as z:
+            for name, text in entries:
+                z.writestr(name, text)
+        return path
+    with tarfile.open(path, "w") as t:
+        for name, text in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            t.addfile(info, io.BytesIO(text.encode()))
+    return path
+
+
+@pytest.mark.parametrize("kind", [".zip", ".tar"])
+@pytest.mark.parametrize("bad", ["../escape.txt", "/tmp/abs_escape.txt", "zipped/../../escape.txt"])
+def test_archive_entries_outside_the_set_are_refused(tmp_path, monkeypatch, kind, bad):
+    """A hand-placed archive with one entry that climbs out: refused naming the entry, before the good
+    entries are written, and the archive is left where the user put it."""
+    root = tmp_path / "datasets"
+    root.mkdir()
+    monkeypatch.setattr(dl, "DATASETS_DIR", root)
+    archive = _archive(root / f"zipped{kind}", [("zipped/images/train/a.txt", "first"), (bad, "x"),
+                                               ("zipped/images/val/b.txt", "last")])
+    d = {"path": "zipped", "train": "images/train", "val": "images/val", "names": ["a"],
+         "download": f"http://127.0.0.1:9/zipped{kind}"}
+    with pytest.raises(ValueError, match=rf"zipped\{kind}: entry '{re.escape(bad)}' points outside"):
+        check_dataset(d)
+    assert sorted(p.name for p in root.iterdir()) == [f"zipped{kind}"]  # nothing unpacked, archive kept
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_downloaded_archive_is_deleted_once_unpacked(tmp_path, monkeypatch):
+    monkeypatch.setattr(dl, "DATASETS_DIR", tmp_path)
+    served = _archive(tmp_path / "served.zip", [("dl/images/train/a.jpg", "x"), ("dl/images/val/b.jpg", "y")])
+    monkeypatch.setattr(dl, "_fetch", lambda url, f, src: shutil.copy(served, f))
+    d = check_dataset({"path": "dl", "train": "images/train", "val": "images/val", "names": ["a"],
+                       "download": "http://127.0.0.1:9/dl.zip"})
+    assert Path(d["train"], "a.jpg").read_text() == "x" and not (tmp_path / "dl.zip").exists()
 
 
 def test_voc_conversion_offline(tmp_path):
@@ -188,6 +236,20 @@ def test_corrupt_files_skipped_and_counted(tmp_path, logs):
     np.testing.assert_allclose(lb, [[1, 0.5, 0.5, 0.5, 0.5], [0, 0.3, 0.3, 0.2, 0.2]])  # duplicate gone, order kept
     assert len(ds.labels[ds.im_files.index(str(img_dir / "nolabel.jpg"))]) == 0
     assert ds.labels[ds.im_files.index(str(img_dir / "tolerated.jpg"))][0, 3] == 1.0  # clipped
+
+
+def test_a_list_scanned_as_train_and_val_warns_once(tmp_path, logs):
+    """train and val naming the same .txt list (or folder, as coco128.yaml does): a missing entry is one
+    warning, though both splits count it."""
+    for i in range(2):
+        write_pair(tmp_path, "t", f"im{i}", "0 0.5 0.5 0.4 0.4\n")
+    lst = tmp_path / "list.txt"
+    lst.write_text("images/t/im0.jpg\nimages/t/gone.jpg\nimages/t/im1.jpg\n")
+    for prefix in ("train: ", "val: "):
+        assert len(dl.LoadImagesAndLabels(lst, img_size=64, prefix=prefix)) == 2
+    assert sum("gone.jpg" in m and "WARNING" in m for m in logs) == 1
+    assert sum(m.endswith("2 found, 0 missing, 0 empty, 1 corrupt") for m in logs) == 1
+    assert sum(m.endswith("2 found, 0 missing, 0 empty, 1 corrupt (from cache)") for m in logs) == 1
 
 
 def test_corrupt_reasons_named(tmp_path):
@@ -352,6 +414,17 @@ def test_generator_deterministic(tmp_path):
             assert 76 <= h <= 116 and 76 <= w <= 116  # 96 +/- 20%
     with pytest.raises(FileExistsError):
         main(["--out", str(tmp_path / "a"), "--n-train", "1", "--n-val", "1"])
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_generator_runs_as_a_script_and_as_a_module(tmp_path, how):
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "data" / "shapes_generator.py")] if how == "script" else \
+        [sys.executable, "-m", "data.shapes_generator"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "s"), "--n-train", "1", "--n-val", "1", "--size", "32"],
+                       cwd=tmp_path if how == "script" else root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "s" / "images").rglob("*.jpg"))) == 2
 
 
 def test_generator_labels_match_pixels():

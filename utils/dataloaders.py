@@ -35,7 +35,7 @@ from tqdm import tqdm
 from utils.augmentations import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.files import ROOT, find_file, yaml_load
-from utils.logging import LOGGER
+from utils.logging import LOGGER, UserError
 from utils.torch_utils import torch_distributed_zero_first
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
@@ -179,22 +179,43 @@ def _run_download(spec, d, src):
 
 
 def _fetch_and_unpack(url, dest, src):
-    """Download an archive into dest and unpack it there; an archive already in dest is just unpacked."""
+    """Download an archive into dest and unpack it there; an archive already in dest (put there by hand) is
+    unpacked and kept, a downloaded one is deleted once unpacked."""
     dest.mkdir(parents=True, exist_ok=True)
     f = dest / Path(url).name
-    if f.is_file():
+    by_hand = f.is_file()
+    if by_hand:
         LOGGER.info(f"Unpacking {f} (already present)")
     else:
         _fetch(url, f, src)
     if f.suffix == ".zip":
         with zipfile.ZipFile(f) as z:
-            z.extractall(dest)  # zipfile drops absolute paths and '..' components
+            for info in z.infolist():  # every entry checked before anything is written
+                _check_archive_entry(f, info.filename)
+            z.extractall(dest)
     elif f.name.endswith((".tar", ".tar.gz", ".tgz")):
         with tarfile.open(f) as t:
-            t.extractall(dest, filter="data")
+            members = t.getmembers()
+            for m in members:
+                _check_archive_entry(f, m.name)
+                if m.issym() or m.islnk():
+                    _check_archive_entry(f, m.linkname, f"link '{m.name}' ->")
+                elif not (m.isfile() or m.isdir()):
+                    raise ValueError(f"{f}: entry '{m.name}' is not a file or folder; refusing to unpack the archive")
+            t.extractall(dest, members=members, filter="data")
     else:
         return
-    f.unlink()
+    if not by_hand:
+        f.unlink()
+
+
+def _check_archive_entry(archive, name, what="entry"):
+    """Refuse an archive entry (or link target) that is absolute or climbs out with '..': it would land
+    outside the set's folder (zipfile silently drops such parts, tarfile's data filter stops halfway)."""
+    parts = re.split(r"[/\\]", name)
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise ValueError(f"{archive}: {what} '{name}' points outside the folder it unpacks into; refusing to unpack "
+                         f"the archive (nothing was unpacked)")
 
 
 def _fetch(url, f, src):
@@ -394,13 +415,18 @@ def scan_labels(path, im_files, label_files, prefix=""):
     return entries, cache_path, False
 
 
+_WARNED = set()  # (image, message) pairs already warned about: a list scanned as train and val warns once
+
+
 def _report(entries, where, from_cache, prefix):
     counts = dict.fromkeys(STATUSES, 0)
     for e in entries:
         counts[e["status"]] += 1
     LOGGER.info(f"{prefix}Scanning {where}... {counts['found']} found, {counts['missing']} missing, "
                 f"{counts['empty']} empty, {counts['corrupt']} corrupt" + (" (from cache)" if from_cache else ""))
-    msgs = [f"{prefix}WARNING ⚠️ {e['im']}: {e['msg']}" for e in entries if e["msg"]]
+    new = [(e["im"], e["msg"]) for e in entries if e["msg"] and (e["im"], e["msg"]) not in _WARNED]
+    _WARNED.update(new)
+    msgs = [f"{prefix}WARNING ⚠️ {im}: {msg}" for im, msg in new]
     for m in msgs[:MAX_WARNINGS]:
         LOGGER.warning(m)
     if len(msgs) > MAX_WARNINGS:
@@ -445,7 +471,7 @@ class LoadImagesAndLabels(Dataset):
         counts = _report(entries, cache_path.parent / cache_path.stem, from_cache, prefix)
         good = [i for i, e in enumerate(entries) if e["status"] != "corrupt"]
         if not good:
-            raise RuntimeError(f"{prefix}No usable images in {path}: {counts['corrupt']} corrupt of "
+            raise UserError(f"{prefix}No usable images in {path}: {counts['corrupt']} corrupt of "
                                f"{len(entries)} (see the warnings above)")
         if counts["found"] == 0 and augment:
             LOGGER.warning(f"{prefix}WARNING ⚠️ No labels found in {path}: training will learn nothing")
@@ -570,7 +596,7 @@ class LoadImagesAndLabels(Dataset):
             except ImageLoadError as e:  # unreadable since the scan: warn, use another image
                 LOGGER.warning(f"{self.prefix}WARNING ⚠️ {e}; using another image instead")
                 index = random.randrange(len(self))
-        raise RuntimeError(f"{self.prefix}10 images in a row could not be read; is the data set still there?")
+        raise UserError(f"{self.prefix}10 images in a row could not be read; is the data set still there?")
 
     def _get(self, index):
         index = self.indices[index]

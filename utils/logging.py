@@ -39,3 +39,33 @@ def colorstr(*args: str) -> str:
     if not sys.stdout.isatty() or os.getenv("NO_COLOR"):
         return str(text)
     return "".join(_COLORS[s] for s in styles) + f"{text}" + _COLORS["end"]
+
+
+class UserError(RuntimeError):
+    """A failure the user can fix (bad data, an interrupted data set, a diverged run): reported as one line."""
+
+
+# Exceptions a command line reports as one `ERROR:` line instead of a traceback. The project raises
+# ValueError (CheckpointError included) for bad arguments, data yamls and checkpoints, and OSError
+# (FileNotFoundError, ConnectionError) for missing files, offline downloads and unopenable cameras;
+# ImportError is a missing optional package. Anything else (TypeError, KeyError, torch's RuntimeError,
+# ...) is a bug and keeps its traceback. YOLOV5KD_TRACEBACK=1 shows the traceback for these too.
+USER_ERRORS = (UserError, ValueError, OSError, ImportError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line report of a user error: its message with line breaks folded (the type if it has none)."""
+    msg = " ".join(str(e).split())
+    return f"ERROR: {msg or type(e).__name__}"
+
+
+def cli_main(main, parse_opt):
+    """Run main(parse_opt()) as a command: a user error prints one line on stderr and exits with 1."""
+    opt = parse_opt()
+    try:
+        return main(opt)
+    except USER_ERRORS as e:
+        if os.getenv("YOLOV5KD_TRACEBACK"):
+            raise
+        print(error_line(e), file=sys.stderr, flush=True)
+        sys.exit(1)

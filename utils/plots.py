@@ -178,12 +178,15 @@ def plot_labels(labels, names=(), save_dir=Path("")):
 
 
 def plot_results(csv_file="results.csv"):
-    """results.png beside results.csv: one panel per column against the epoch column (or row number)."""
+    """results.png beside results.csv: one panel per column against the epoch column (or row number).
+    Empty cells (metrics of epochs that were not validated) are left out of their panel."""
     csv_file = Path(csv_file)
     try:
         with open(csv_file, newline="") as f:
             rows = [[v.strip() for v in r] for r in csv.reader(f) if r]
-        header, rows = rows[0], np.array(rows[1:], dtype=float).reshape(-1, len(rows[0]))
+        header = rows[0]
+        rows = np.array([[float(v) if v else np.nan for v in r] for r in rows[1:]], dtype=float)
+        rows = rows.reshape(-1, len(header))
     except (OSError, IndexError, ValueError) as e:
         LOGGER.warning(f"WARNING ⚠️ plot_results: cannot read {csv_file}: {e}")
         return None
@@ -194,7 +197,8 @@ def plot_results(csv_file="results.csv"):
     fig = Figure(figsize=(2.6 * ncol, 6), tight_layout=True)
     axes = np.atleast_1d(fig.subplots(2, ncol)).ravel()
     for a, i in zip(axes, cols):
-        a.plot(x, rows[:, i], marker=".", linewidth=2, markersize=6)
+        keep = ~np.isnan(rows[:, i])
+        a.plot(x[keep], rows[keep, i], marker=".", linewidth=2, markersize=6)
         a.set_title(header[i], fontsize=10)
     for a in axes[len(cols):]:
         a.axis("off")

@@ -214,7 +214,12 @@ class _LatestFrameReader:
 
 def iter_stream(src, vid_stride: int = 1):
     """Webcam index or stream URL; raises ConnectionError right away if it cannot be opened."""
-    cap = cv2.VideoCapture(src)
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its open warnings repeat the error below
+    try:
+        cap = cv2.VideoCapture(src)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if not cap.isOpened():
         what = f"webcam {src}" if isinstance(src, int) else f"stream '{src}'"
         raise ConnectionError(f"Failed to open {what}")
