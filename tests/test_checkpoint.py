@@ -233,6 +233,7 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_killed_process_never_leaves_a_truncated_file(tmp_path):
     path = tmp_path / "last.pt"
     code = (

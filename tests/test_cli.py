@@ -14,6 +14,8 @@ from tests.conftest import NAMES
 from tests.test_data import closed_port_url
 from utils.logging import UserError, cli_main
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "shapes_yolov5n.pt"
 

@@ -142,6 +142,7 @@ def match(a, b, tol=1.0):
     np.testing.assert_array_equal(a[:, 5], b[:, 5])
 
 
+@pytest.mark.slow
 def test_pt_and_onnx_agree(weights, images, tmp_path):
     import export
 

@@ -12,6 +12,8 @@ from detect import Backend
 from utils.files import ROOT, find_file, yaml_load
 from utils.logging import LOGGER
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 NAMES = ["circle", "square", "star"]

@@ -12,6 +12,8 @@ from tests.conftest import killed_after_first_epoch, read_csv
 from models.checkpoint import load_model
 from utils.files import ROOT
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
+
 
 def tiny_run(tiny_data, tiny_cfg, tmp_path, **kw):
     args = dict(cfg=str(tiny_cfg), data=str(tiny_data), imgsz=64, batch_size=8, epochs=2, workers=0, device="cpu",

@@ -13,6 +13,8 @@ from models.yolo import DetectionModel
 from tests.conftest import killed_after_first_epoch, read_csv, tiny_cfg_dict
 from utils.distill import FeatureImitation
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,8 @@ from tests.test_train_distill import kd_run, make_teacher
 from tests.test_train import tiny_run
 from utils.logging import UserError
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
+
 
 def test_default_warm_up_fits_a_short_run(tiny_data, tiny_cfg, tmp_path, logs):
     """2 batches x 1 epoch: the default warm-up (100) is cut to half the run, so the run still distils."""

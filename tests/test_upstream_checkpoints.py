@@ -109,6 +109,7 @@ def test_upstream_training_file_loads_with_paths_as_text(upstream_best):
     model_from_checkpoint(ckpt)
 
 
+@pytest.mark.slow
 def test_upstream_training_file_as_weights_and_teacher(upstream_best, tiny_data, tiny_cfg, tmp_path):
     common = dict(data=str(tiny_data), imgsz=64, batch_size=8, epochs=1, workers=0, device="cpu",
                   project=str(tmp_path / "runs"), noplots=True, noautoanchor=True)

@@ -194,6 +194,7 @@ def test_agreement_with_pycocotools(shapes, tmp_path, log):
     assert any(line.startswith("pycocotools:") for line in log)
 
 
+@pytest.mark.slow
 def test_agreement_with_pycocotools_on_a_trained_model(tmp_path, log):
     """A real yolov5n trained on shapes (fixture: demo.sh's baseline student, 10 epochs) on the full
     200-image shapes val split that shapes.yaml generates: val.py's mAP50-95 and COCOeval's stats[0]
@@ -251,6 +252,7 @@ def test_trainer_call(shapes, tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # BN stats untouched
 
 
+@pytest.mark.slow
 def test_comparison_table(shapes, tmp_path, log):
     """Two checkpoints saved with save_checkpoint, one table with differences from the first row."""
     yaml_file, _ = shapes
