@@ -15,7 +15,9 @@ import cv2
 import numpy as np
 import torch
 
+from utils.augmentations import check_img_size
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywh
+from utils.data_config import names_list
 from utils.files import ROOT, find_file, increment_path, yaml_load
 from utils.logging import LOGGER, cli_main
 from utils.sources import load_source
@@ -23,21 +25,16 @@ from utils.torch_utils import select_device, time_sync
 
 
 def names_from_data(data) -> list:
-    """Class names from a dataset yaml ('names' as a list or an {index: name} dict)."""
+    """Class names from a dataset yaml ('names' as a list or an {index: name} mapping)."""
     names = yaml_load(find_file(data)).get("names")
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names)]
     if not names:
         raise ValueError(f"{data} has no 'names'")
-    return [str(n) for n in names]
+    return names_list(names, str(data))
 
 
 def parse_names(text) -> list:
     """ONNX metadata names: "{0: 'a', 1: 'b'}" (upstream's style) or "['a', 'b']"."""
-    names = ast.literal_eval(text)  # literals only, never arbitrary code
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names, key=int)]
-    return [str(n) for n in names]
+    return names_list(ast.literal_eval(text), "ONNX metadata")  # literals only, never arbitrary code
 
 
 class Backend:
@@ -126,19 +123,9 @@ class Backend:
             self(torch.zeros(1, 3, *imgsz, device=self.device, dtype=torch.half if self.half else torch.float))
 
 
-def check_imgsz(imgsz, stride: int) -> tuple:
-    """(h, w) rounded up to multiples of the stride (warns when changed)."""
-    imgsz = [int(x) for x in (imgsz if isinstance(imgsz, (list, tuple)) else [imgsz])]
-    imgsz = (imgsz * 2)[:2] if len(imgsz) == 1 else imgsz[:2]
-    new = tuple(max(-(-x // stride) * stride, stride) for x in imgsz)
-    if new != tuple(imgsz):
-        LOGGER.warning(f"WARNING ⚠️ --imgsz {list(imgsz)} must be a multiple of stride {stride}, using {list(new)}")
-    return new
-
-
 def default_source(data="shapes.yaml") -> str:
     """The val images of a data set (shapes by default) when they are present, else a clear error."""
-    from utils.dataloaders import check_dataset
+    from utils.data_config import check_dataset
 
     try:
         val = check_dataset(data, autodownload=False)["val"]
@@ -270,7 +257,7 @@ def run(
     save_img = not nosave
     backend = Backend(weights, device, data=data, half=half)
     stride, names = backend.stride, backend.names
-    imgsz = check_imgsz(imgsz, stride)
+    imgsz = check_img_size(list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz], stride)
     if backend.fixed_hw and tuple(backend.fixed_hw) != imgsz:
         LOGGER.warning(f"WARNING ⚠️ {weights} takes a fixed {list(backend.fixed_hw)} input; "
                        f"--imgsz {list(imgsz)} ignored")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.augmentations import check_img_size
 from utils.logging import LOGGER, cli_main, colorstr
 from utils.torch_utils import select_device
 
@@ -142,7 +143,6 @@ def run(
     opset=17,
 ):
     """Export weights to each format in include (ONNX only); returns the path of the .onnx file."""
-    from detect import check_imgsz
     from models.checkpoint import load_model
 
     t0 = time.time()
@@ -159,7 +159,7 @@ def run(
 
     model = load_model(str(weights), device=device, fuse=True)
     stride, names = int(max(model.stride)), list(model.names)
-    imgsz = check_imgsz(imgsz, stride)
+    imgsz = check_img_size(list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz], stride)
     for p in model.parameters():
         p.requires_grad = False
     im = torch.rand(batch_size, 3, *imgsz, generator=torch.Generator().manual_seed(0)).to(device)

@@ -29,8 +29,10 @@ import val as validate
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, strip_optimizer, \
     transfer_weights
 from models.yolo import DetectionModel
+from utils.augmentations import check_img_size
 from utils.autoanchor import check_anchors
-from utils.dataloaders import check_dataset, create_dataloader
+from utils.data_config import check_dataset
+from utils.dataloaders import create_dataloader
 from utils.distill import FeatureImitation, mask_coverage
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
 from utils.logging import LOGGER, UserError, cli_main, colorstr
@@ -85,14 +87,6 @@ class EarlyStopping:
             LOGGER.info(f"Stopping early: no improvement in the last {self.patience} epochs; best was epoch "
                         f"{self.best_epoch}. Set --patience 0 to disable.")
         return stop
-
-
-def check_img_size(imgsz: int, stride: int) -> int:
-    """Round the image size up to a multiple of the model's largest stride, with a warning."""
-    new = max(math.ceil(int(imgsz) / stride) * stride, stride)
-    if new != imgsz:
-        LOGGER.warning(f"WARNING --imgsz {imgsz} is not a multiple of max stride {stride}, using {new}")
-    return new
 
 
 def file_sha256(path) -> str | None:

@@ -9,7 +9,6 @@ The trainer calls run(model=ema, dataloader=val_loader, ...) in memory; the mode
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,7 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.augmentations import check_img_size
 from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.data_config import names_list
 from utils.files import ROOT, increment_path
 from utils.logging import LOGGER, cli_main, colorstr
 from utils.metrics import IOU_THRESHOLDS, ConfusionMatrix, ap_per_class, match_predictions
@@ -54,20 +55,6 @@ def coco80_to_coco91_class():
 def is_coco(data) -> bool:
     names = names_list(data.get("names", []))
     return len(names) == 80 and names[0] == "person" and names[-1] == "toothbrush"
-
-
-def names_list(names) -> list:
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names)]
-    return [str(n) for n in names]
-
-
-def check_imgsz(imgsz, stride) -> int:
-    """imgsz rounded up to a multiple of the stride (warns when it changes)."""
-    new = int(math.ceil(int(imgsz) / stride) * stride)
-    if new != imgsz:
-        LOGGER.warning(f"WARNING ⚠️ --imgsz {imgsz} must be a multiple of max stride {stride}, using {new}")
-    return new
 
 
 def image_id_fn(files):
@@ -155,7 +142,7 @@ def model_nc(model):
 
 def resolve_data(data, task):
     """Checked data dict with the requested split present (raises naming the file otherwise)."""
-    from utils.dataloaders import check_dataset
+    from utils.data_config import check_dataset
 
     d = check_dataset(data)
     if not d.get(task):
@@ -202,7 +189,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     if dataloader is None:
         from utils.dataloaders import create_dataloader
 
-        imgsz = check_imgsz(imgsz, gs)
+        imgsz = check_img_size(imgsz, gs)
         pad, rect = (0.0, False) if task == "speed" else (0.5, True)  # rectangular batches, as upstream
         dataloader = create_dataloader(data[split], imgsz, batch_size, gs, single_cls, pad=pad, rect=rect,
                                        workers=workers, prefix=colorstr(f"{split}: "), nc=int(data["nc"]))[0]

@@ -36,7 +36,7 @@ import val  # noqa: E402
 from benchmarks.mask_speed import TOL, random_targets  # noqa: E402
 from benchmarks.speed import quiet_log, step_setup  # noqa: E402
 from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop  # noqa: E402
-from utils.dataloaders import check_dataset  # noqa: E402
+from utils.data_config import check_dataset  # noqa: E402
 from utils.distill import imitation_masks  # noqa: E402
 
 

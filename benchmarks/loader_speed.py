@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import DetectionModel  # noqa: E402
-from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
+from utils.data_config import check_dataset  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.files import find_file, yaml_load  # noqa: E402
 from utils.logging import LOGGER  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402

@@ -49,7 +49,8 @@ from benchmarks.loader_speed import loader_rate  # noqa: E402
 from benchmarks.mask_speed import elapsed_ms, mask_times, plain_step_ms, random_targets  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
-from utils.dataloaders import check_dataset, create_dataloader  # noqa: E402
+from utils.data_config import check_dataset  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.distill import mask_coverage  # noqa: E402
 from utils.files import find_file, yaml_load  # noqa: E402
 from utils.logging import LOGGER  # noqa: E402

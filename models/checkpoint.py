@@ -20,6 +20,7 @@ import torch.nn as nn
 from models.common import Conv
 from models.safe_pickle import CheckpointError, is_standin, load_restricted, standin_state_dict
 from models.yolo import DetectionModel
+from utils.data_config import names_list
 from utils.logging import LOGGER
 
 __all__ = ("CheckpointError", "save_checkpoint", "load_checkpoint", "load_model", "model_from_checkpoint",
@@ -196,20 +197,13 @@ def _names_list(names, nc, path):
     """Upstream names may be a list or {index: name}; return a list of nc strings."""
     if names is None:
         return [f"class{i}" for i in range(nc)]
-    if isinstance(names, dict):
-        try:
-            keys = sorted(int(k) for k in names)
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{path}: class names dict has non-integer keys") from None
-        if keys != list(range(len(keys))):
-            raise CheckpointError(f"{path}: class names dict keys are not 0..{len(keys) - 1}")
-        names = [names[k] if k in names else names[str(k)] for k in keys]
-    if not isinstance(names, (list, tuple)) or len(names) != nc:
-        raise CheckpointError(f"{path}: {len(names) if isinstance(names, (list, tuple)) else '?'} class "
-                              f"names for nc={nc}")
-    if not all(isinstance(n, (str, int, float)) for n in names):
-        raise CheckpointError(f"{path}: class names must be text or numbers")
-    return [str(n) for n in names]
+    try:
+        names = names_list(names, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if len(names) != nc:
+        raise CheckpointError(f"{path}: {len(names)} class names for nc={nc}")
+    return names
 
 
 def _from_upstream(obj, path) -> dict:

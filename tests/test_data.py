@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+import utils.data_config as data_config
 import utils.dataloaders as dl
-from utils.dataloaders import check_dataset, create_dataloader, img2label_paths
+from utils.data_config import check_dataset
+from utils.dataloaders import create_dataloader
+from utils.labels import img2label_paths, list_image_files, verify_image_label
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -74,8 +77,8 @@ def test_check_dataset_forms(tmp_path):
                        "names": {0: "a", 1: "b"}, "nc": 2})
     assert d["names"] == ["a", "b"] and d["nc"] == 2 and d["test"] is None
     assert d["train"] == [str(tmp_path / "images/train"), str(tmp_path / "images/extra")]
-    assert len(dl.list_image_files(d["train"])) == 6
-    assert len(dl.list_image_files(d["val"])) == 2  # the list file: relative lines resolve beside it
+    assert len(list_image_files(d["train"])) == 6
+    assert len(list_image_files(d["val"])) == 2  # the list file: relative lines resolve beside it
 
     f = tmp_path / "set.yaml"
     f.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [x, y, z]\n")
@@ -91,7 +94,7 @@ def test_check_dataset_forms(tmp_path):
 
 
 def test_relative_path_and_missing_split(tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "DATASETS_DIR", tmp_path)
+    monkeypatch.setattr(data_config, "DATASETS_DIR", tmp_path)
     good_set(tmp_path / "myset", "val", 1)
     good_set(tmp_path / "myset", "train", 1)
     for path in ("myset", "../datasets/myset"):  # ours and upstream's spelling
@@ -102,7 +105,7 @@ def test_relative_path_and_missing_split(tmp_path, monkeypatch):
 
 
 def test_download_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "DATASETS_DIR", tmp_path)
+    monkeypatch.setattr(data_config, "DATASETS_DIR", tmp_path)
     base = {"path": "zipped", "train": "images/train", "val": "images/val", "names": ["a", "b"]}
     with pytest.raises(ValueError, match="must name a module"):
         check_dataset({**base, "download": "python:os"})
@@ -146,7 +149,7 @@ def test_archive_entries_outside_the_set_are_refused(tmp_path, monkeypatch, kind
     entries are written, and the archive is left where the user put it."""
     root = tmp_path / "datasets"
     root.mkdir()
-    monkeypatch.setattr(dl, "DATASETS_DIR", root)
+    monkeypatch.setattr(data_config, "DATASETS_DIR", root)
     archive = _archive(root / f"zipped{kind}", [("zipped/images/train/a.txt", "first"), (bad, "x"),
                                                ("zipped/images/val/b.txt", "last")])
     d = {"path": "zipped", "train": "images/train", "val": "images/val", "names": ["a"],
@@ -158,9 +161,9 @@ def test_archive_entries_outside_the_set_are_refused(tmp_path, monkeypatch, kind
 
 
 def test_downloaded_archive_is_deleted_once_unpacked(tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "DATASETS_DIR", tmp_path)
+    monkeypatch.setattr(data_config, "DATASETS_DIR", tmp_path)
     served = _archive(tmp_path / "served.zip", [("dl/images/train/a.jpg", "x"), ("dl/images/val/b.jpg", "y")])
-    monkeypatch.setattr(dl, "_fetch", lambda url, f, src: shutil.copy(served, f))
+    monkeypatch.setattr(data_config, "_fetch", lambda url, f, src: shutil.copy(served, f))
     d = check_dataset({"path": "dl", "train": "images/train", "val": "images/val", "names": ["a"],
                        "download": "http://127.0.0.1:9/dl.zip"})
     assert Path(d["train"], "a.jpg").read_text() == "x" and not (tmp_path / "dl.zip").exists()
@@ -194,7 +197,7 @@ def test_voc_conversion_offline(tmp_path):
 def test_shapes_hook(tmp_path, monkeypatch):
     """shapes.yaml's python:data hook generates the set when it is missing."""
     import data.shapes_generator as sg
-    monkeypatch.setattr(dl, "DATASETS_DIR", tmp_path)
+    monkeypatch.setattr(data_config, "DATASETS_DIR", tmp_path)
     monkeypatch.setattr(sg, "generate", functools.partial(sg.generate, n_train=3, n_val=2, size=96))
     d = check_dataset("shapes.yaml")
     assert d["path"] == str(tmp_path / "shapes") and d["nc"] == 6
@@ -254,7 +257,7 @@ def test_a_list_scanned_as_train_and_val_warns_once(tmp_path, logs):
 
 def test_corrupt_reasons_named(tmp_path):
     write_pair(tmp_path, "t", "a", "0 0.5 0.5 0.5\n")
-    e = dl.verify_image_label(str(tmp_path / "images/t/a.jpg"), str(tmp_path / "labels/t/a.txt"))
+    e = verify_image_label(str(tmp_path / "images/t/a.jpg"), str(tmp_path / "labels/t/a.txt"))
     assert e["status"] == "corrupt" and "row 1 has 4 values" in e["msg"]
 
 

@@ -10,6 +10,7 @@ import torch
 import train_distill
 from tests.conftest import killed_after_first_epoch, read_csv
 from models.checkpoint import load_model
+from utils.augmentations import check_img_size
 from utils.files import ROOT
 
 pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
@@ -88,7 +89,7 @@ def test_image_size_rounded_up_to_stride(tiny_data, tiny_cfg, tmp_path):
     opt = tiny_run(tiny_data, tiny_cfg, tmp_path, imgsz=50, epochs=1)
     ckpt = torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)
     assert ckpt["opt"]["imgsz"] == 50  # the user's value is recorded; training ran at 64
-    assert train_distill.check_img_size(50, 32) == 64 and train_distill.check_img_size(64, 32) == 64
+    assert check_img_size(50, 32) == 64 and check_img_size(64, 32) == 64
 
 
 def test_cli_bad_input_exits_with_one_clear_line(tmp_path):

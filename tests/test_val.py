@@ -16,7 +16,8 @@ import torch.nn as nn
 import val
 from models.checkpoint import save_checkpoint
 from models.yolo import DetectionModel
-from utils.dataloaders import check_dataset, create_dataloader
+from utils.data_config import check_dataset
+from utils.dataloaders import create_dataloader
 from utils.files import ROOT, find_file, yaml_load, yaml_save
 from utils.logging import LOGGER
 

@@ -10,7 +10,29 @@ import random
 import cv2
 import numpy as np
 
+from utils.logging import LOGGER
+
 PAD_COLOR = (114, 114, 114)
+
+
+def check_img_size(imgsz, stride: int):
+    """--imgsz rounded up to a multiple of the model's largest stride (at least one stride), with a warning
+    when it changes. An int gives an int; a list or tuple gives (h, w), one value meaning a square."""
+    def up(x):
+        return max(math.ceil(int(x) / stride) * stride, stride)
+
+    if isinstance(imgsz, (list, tuple)):
+        hw = [int(x) for x in imgsz]
+        hw = (hw * 2)[:2] if len(hw) == 1 else hw[:2]
+        new = tuple(up(x) for x in hw)
+        changed, given = new != tuple(hw), list(hw)
+    else:
+        new = up(imgsz)
+        changed, given = new != int(imgsz), int(imgsz)
+    if changed:
+        LOGGER.warning(f"WARNING ⚠️ --imgsz {given} must be a multiple of max stride {stride}, using "
+                       f"{list(new) if isinstance(new, tuple) else new}")
+    return new
 
 
 def letterbox(im, new_shape=640, color=PAD_COLOR, auto=True, scaleFill=False, scaleup=True, stride=32):

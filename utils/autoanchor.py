@@ -101,7 +101,8 @@ def kmean_anchors(dataset_or_wh, n=9, img_size=640, thr=4.0, gen=1000, verbose=F
     """
     rng = np.random.default_rng(seed)
     if isinstance(dataset_or_wh, (str, bytes)) or hasattr(dataset_or_wh, "__fspath__"):
-        from utils.dataloaders import check_dataset, create_dataloader  # only needed for this entry point
+        from utils.data_config import check_dataset  # only needed for this entry point
+        from utils.dataloaders import create_dataloader
         data = check_dataset(str(dataset_or_wh))
         _, dataset_or_wh = create_dataloader(data["train"], img_size, 1, 32, rect=True, workers=0)
     if hasattr(dataset_or_wh, "labels"):

@@ -58,3 +58,8 @@ def yaml_save(file, data: dict) -> None:
 
     with open(file, "w") as f:
         yaml.safe_dump(plain(data), f, sort_keys=False)
+
+
+def as_list(x) -> list:
+    """None -> [], a list or tuple -> a list, anything else -> [x] (a yaml value that may be one path or several)."""
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]

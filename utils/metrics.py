@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from utils.boxes import box_iou
+from utils.data_config import class_name
 
 IOU_THRESHOLDS = 0.5 + 0.05 * np.arange(10)  # float64, so IoU == 0.75 compares equal to its threshold
 
@@ -144,7 +145,7 @@ def ap_per_class(tp, conf, pred_cls, target_cls, plot=False, save_dir=".", names
 
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        cls_names = [_class_name(names, c) for c in unique_classes]
+        cls_names = [class_name(names, c) for c in unique_classes]
         plot_pr_curve(px, prc, ap, save_dir / f"{prefix}PR_curve.png", cls_names)
         for y, short, name in ((f1, "F1", "F1"), (p, "P", "Precision"), (r, "R", "Recall")):
             plot_mc_curve(px, y, save_dir / f"{prefix}{short}_curve.png", cls_names, ylabel=name)
@@ -154,13 +155,6 @@ def ap_per_class(tp, conf, pred_cls, target_cls, plot=False, save_dir=".", names
     tp = (r * nt).round()
     fp = (tp / (p + eps) - tp).round()
     return tp, fp, p, r, f1, ap, unique_classes.astype(int)
-
-
-def _class_name(names, c):
-    c = int(c)
-    if isinstance(names, dict):
-        return str(names.get(c, c))
-    return str(names[c]) if c < len(names) else str(c)
 
 
 class ConfusionMatrix:

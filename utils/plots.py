@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from utils.data_config import class_name
 from utils.logging import LOGGER
 
 
@@ -33,14 +34,6 @@ def colors(i, bgr=False):
     """Colour for class index i as an (r, g, b) tuple of ints (b, g, r for cv2 images with bgr=True)."""
     c = _PALETTE[int(i) % len(_PALETTE)]
     return c[::-1] if bgr else c
-
-
-def _name(names, c):
-    """Class name from a list or dict of names, falling back to the index."""
-    c = int(c)
-    if isinstance(names, dict):
-        return str(names.get(c, c))
-    return str(names[c]) if names is not None and 0 <= c < len(names) else str(c)
 
 
 def _numpy(x):
@@ -134,7 +127,7 @@ def plot_images(images, targets, paths=None, fname="images.jpg", names=None, max
             c = int(t[j, 1])
             if is_pred and t[j, 6] < conf_thres:
                 continue
-            label = _name(names, c) + (f" {t[j, 6]:.1f}" if is_pred else "")
+            label = class_name(names, c) + (f" {t[j, 6]:.1f}" if is_pred else "")
             annotator.box_label(box, label, color=colors(c))
     _save_rgb(annotator.result(), fname)
     return annotator.result()
@@ -155,7 +148,7 @@ def plot_labels(labels, names=(), save_dir=Path("")):
     ax[0].bar(range(nc), counts, color=[np.array(colors(i)) / 255 for i in range(nc)])
     ax[0].set_ylabel("instances")
     if 0 < nc <= 30:
-        ax[0].set_xticks(range(nc), [_name(names, i) for i in range(nc)], rotation=90, fontsize=8)
+        ax[0].set_xticks(range(nc), [class_name(names, i) for i in range(nc)], rotation=90, fontsize=8)
     else:
         ax[0].set_xlabel("classes")
 
@@ -215,7 +208,7 @@ def plot_pr_curve(px, py, ap, fname="pr_curve.png", names=()):
     a = fig.subplots()
     if 0 < len(py) < 21:  # per-class legend only while readable
         for i, y in enumerate(py):
-            a.plot(px, y, linewidth=1, label=f"{_name(names, i)} {ap[i, 0]:.3f}")
+            a.plot(px, y, linewidth=1, label=f"{class_name(names, i)} {ap[i, 0]:.3f}")
     else:
         for y in py:
             a.plot(px, y, linewidth=1, color="grey")
@@ -233,7 +226,7 @@ def plot_mc_curve(px, py, fname="mc_curve.png", names=(), xlabel="Confidence", y
     fig = Figure(figsize=(9, 6), tight_layout=True)
     a = fig.subplots()
     for i, y in enumerate(py):
-        a.plot(px, y, linewidth=1, **({"label": _name(names, i)} if len(py) < 21 else {"color": "grey"}))
+        a.plot(px, y, linewidth=1, **({"label": class_name(names, i)} if len(py) < 21 else {"color": "grey"}))
     if len(py):
         y = py.mean(0)
         i = int(y.argmax())
@@ -251,7 +244,7 @@ def plot_confusion_matrix(matrix, names=(), fname="confusion_matrix.png", normal
     if normalize:
         m = m / (m.sum(0, keepdims=True) + 1e-9)  # each true class (column) sums to 1
     m = np.where(m < 0.005, np.nan, m)  # blank the near-zero cells
-    labels = [_name(names, i) for i in range(nc)] + ["background"]
+    labels = [class_name(names, i) for i in range(nc)] + ["background"]
     fig = Figure(figsize=(12, 9), tight_layout=True)
     a = fig.subplots()
     im = a.imshow(m, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
