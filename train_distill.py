@@ -32,6 +32,7 @@ from models.yolo import DetectionModel
 from utils.autoanchor import check_anchors
 from utils.dataloaders import check_dataset, create_dataloader
 from utils.distill import FeatureImitation, mask_coverage
+from utils.distill_methods import AUTO, METHODS, WEIGHT_FLAGS, AutoWeight, build_method, weight_arg
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
 from utils.logging import LOGGER, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
@@ -138,17 +139,23 @@ def load_teacher(opt, student: DetectionModel, device) -> tuple[nn.Module, list[
 
 
 def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: list[int],
-                    anchor_t: float) -> FeatureImitation:
-    """The imitation term (adapters + settings) the --distill-* flags describe, for this student and teacher."""
+                    anchor_t: float) -> nn.Module:
+    """The imitation term (adapters or other trainable parts + settings) the --distill-* flags describe, for
+    this student and teacher; weighted 0 while an 'auto' weight is being set (AutoWeight)."""
     s_det, t_det = student.model[-1], teacher.model[-1]
     if opt.distill_target == "head":  # raw maps of equal shape: no adapter
         student_ch = teacher_ch = [m.out_channels for m in s_det.m]
     else:
         student_ch = [m.in_channels for m in s_det.m]
         teacher_ch = [t_det.m[j].in_channels for j in levels]
+    weight = getattr(opt, WEIGHT_FLAGS[opt.distill_method])
+    weight = 0.0 if weight == AUTO else weight
+    adapter = "none" if opt.distill_target == "head" else opt.distill_adapter
+    if opt.distill_method != "fgfi":
+        return build_method(opt.distill_method, student_ch, teacher_ch, adapter=adapter, weight=weight,
+                            warmup=opt.distill_warmup, cwd_tau=opt.cwd_tau, mgd_ratio=opt.mgd_ratio)
     return FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask, thresh=opt.distill_thresh,
-                            weight=opt.distill_weight, warmup=opt.distill_warmup,
-                            adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
+                            weight=weight, warmup=opt.distill_warmup, adapter=adapter,
                             anchor_t=anchor_t if opt.distill_assign else None,
                             normalize=None if opt.distill_norm == "none" else opt.distill_norm)
 
@@ -222,7 +229,7 @@ def train(hyp: dict, opt, device) -> tuple:
         raise ValueError(f"--batch-size {batch_size} must be positive")
 
     # Teacher and imitation module (adapters are built before the optimiser so they train with the student)
-    teacher, imitation, teacher_levels = None, None, []
+    teacher, imitation, teacher_levels, auto_weight = None, None, [], None
     if opt.teacher:
         teacher, teacher_levels = load_teacher(opt, model, device)
         check_image_size_vs_teacher(teacher, imgsz)
@@ -230,6 +237,10 @@ def train(hyp: dict, opt, device) -> tuple:
         if ckpt is not None and opt.resume and ckpt.get("adapters"):
             imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
             LOGGER.info("resumed the distillation adapters from the checkpoint")
+        weight_flag = WEIGHT_FLAGS[opt.distill_method]
+        if getattr(opt, weight_flag) == AUTO:
+            auto_weight = AutoWeight(getattr(parse_opt(True, []), weight_flag), opt.distill_auto_ratio,
+                                     opt.distill_auto_iters)
 
     # Optimiser: three groups; weight decay scaled to the nominal batch size
     nbs = opt.nbs  # nominal batch size: gradients are accumulated up to it
@@ -384,6 +395,12 @@ def train(hyp: dict, opt, device) -> tuple:
                     break
                 continue
             nonfinite = 0
+            if auto_weight is not None and kd_stats.get("active"):
+                lam = auto_weight.observe(loss_items, kd_stats["raw"])
+                if lam is not None:  # set once; the checkpoints' opt records it, so --resume keeps it
+                    imitation.weight, auto_weight = lam, None
+                    setattr(opt, weight_flag, lam)
+                    LOGGER.info(f"distill: --{weight_flag.replace('_', '-')} auto set to {lam:.4g}")
 
             scaler.scale(loss).backward()
             if ni - last_opt_step >= accumulate:
@@ -407,14 +424,16 @@ def train(hyp: dict, opt, device) -> tuple:
                 if plots and ni == 0 and imitation is not None:
                     plot_distill_masks(imgs, targets, kd_stats.get("masks", []), model.stride.tolist(),
                                        save_dir / "distill_masks.jpg")
-                if kd_stats.get("masks") and i % 10 == 0:  # coverage needs a device sync: sample every 10th batch
-                    cover = mask_coverage(kd_stats["masks"])
-                    kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
-                    kd_n += 1
+                if kd_stats and i % 10 == 0:  # coverage and losses need a device sync: sample every 10th batch
+                    cover = mask_coverage(kd_stats["masks"])  # empty for the terms without a mask (cwd, mgd)
+                    if cover:
+                        kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
+                        kd_n += 1
                     if kd_stats["active"]:  # during warm-up the term is not computed
                         tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
-                    for s_, c_, l_ in zip(model.stride.tolist(), cover, kd_stats["per_level"].tolist()):
-                        tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", c_, ni)
+                    for k, (s_, l_) in enumerate(zip(model.stride.tolist(), kd_stats["per_level"].tolist())):
+                        if cover:
+                            tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", cover[k], ni)
                         if kd_stats["active"]:
                             tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
         if stop and nonfinite:
@@ -422,10 +441,11 @@ def train(hyp: dict, opt, device) -> tuple:
 
         lr = [x["lr"] for x in optimizer.param_groups]
         scheduler.step()
-        if main_process and kd_n:
-            LOGGER.info("distill: mask coverage " + ", ".join(
-                f"P{int(math.log2(s_))} {c_ / kd_n:.1f}%" for s_, c_ in zip(model.stride.tolist(), kd_cover)) +
-                f"; mean weighted imitation loss {mloss[3]:.4g} vs detection loss {mloss[:3].sum():.4g} (per image)")
+        if main_process and imitation is not None:
+            head = "mask coverage " + ", ".join(f"P{int(math.log2(s_))} {c_ / kd_n:.1f}%" for s_, c_ in
+                                                 zip(model.stride.tolist(), kd_cover)) if kd_n else opt.distill_method
+            LOGGER.info(f"distill: {head}; mean weighted imitation loss {mloss[3]:.4g} vs detection loss "
+                        f"{mloss[:3].sum():.4g} (per image; lambda {imitation.weight:.4g})")
 
         if main_process:
             ema.update_attr(model)
@@ -494,7 +514,8 @@ def distill_record(opt) -> dict:
     return {"teacher": str(opt.teacher), "teacher_sha256": file_sha256(opt.teacher), "target": opt.distill_target,
             "mask": opt.distill_mask, "thresh": opt.distill_thresh, "weight": opt.distill_weight,
             "warmup": opt.distill_warmup, "adapter": opt.distill_adapter, "assign": bool(opt.distill_assign),
-            "normalize": opt.distill_norm}
+            "normalize": opt.distill_norm, "method": opt.distill_method, "cwd_tau": opt.cwd_tau,
+            "cwd_weight": opt.cwd_weight, "mgd_ratio": opt.mgd_ratio, "mgd_alpha": opt.mgd_alpha}
 
 
 def parse_opt(known: bool = False, argv=None):
@@ -543,15 +564,30 @@ def parse_opt(known: bool = False, argv=None):
     kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
-    kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
+    kd.add_argument("--distill-weight", type=weight_arg, default=0.01,
+                    help="lambda: weight of the FGFI imitation loss, or 'auto' (see --distill-auto-ratio)")
     kd.add_argument("--distill-warmup", type=int, default=100,
                     help="iterations without imitation at the start (the trainer's minimum LR warm-up)")
     kd.add_argument("--distill-adapter", choices=["1x1", "3x3"], default="1x1",
                     help="student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU")
     kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
-    kd.add_argument("--distill-norm", choices=["none", "channel"], default="none",
-                    help="divide each level's imitation term by its channel count")
+    kd.add_argument("--distill-norm", choices=["none", "channel", "pkd"], default="none",
+                    help="divide each level's FGFI term by its channel count (channel), or standardise each "
+                         "channel of both maps first and then divide (pkd: independent of the teacher's scale)")
+    kd.add_argument("--distill-method", choices=METHODS, default="fgfi",
+                    help="fgfi: masked feature imitation (the --distill-mask/thresh/assign/norm flags); cwd: "
+                         "channel-wise distillation (Shu et al. 2021); mgd: masked generative distillation "
+                         "(Yang et al. 2022)")
+    kd.add_argument("--distill-auto-ratio", type=float, default=1.0,
+                    help="an 'auto' weight makes the weighted term this many times the detection loss, measured "
+                         "over the first --distill-auto-iters imitating iterations (then fixed)")
+    kd.add_argument("--distill-auto-iters", type=int, default=20,
+                    help="imitating iterations that set an 'auto' weight (the term is weighted 0 during them)")
+    kd.add_argument("--cwd-tau", type=float, default=1.0, help="cwd: softmax temperature")
+    kd.add_argument("--cwd-weight", type=weight_arg, default=1.0, help="cwd: weight of the term, or 'auto'")
+    kd.add_argument("--mgd-ratio", type=float, default=0.65, help="mgd: probability that a cell is zeroed")
+    kd.add_argument("--mgd-alpha", type=weight_arg, default=2e-5, help="mgd: weight of the term, or 'auto'")
     return parser.parse_known_args(argv)[0] if known else parser.parse_args(argv)
 
 
