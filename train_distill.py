@@ -421,8 +421,8 @@ def train(hyp: dict, opt, device) -> tuple:
                                                                   targets.shape[0], imgs.shape[-1]))
                 if plots and ni < 3:
                     plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names=names)
-                if plots and ni == 0 and imitation is not None:
-                    plot_distill_masks(imgs, targets, kd_stats.get("masks", []), model.stride.tolist(),
+                if plots and ni == 0 and kd_stats.get("masks"):  # FGFI's masks (cwd and mgd have none)
+                    plot_distill_masks(imgs, targets, kd_stats["masks"], model.stride.tolist(),
                                        save_dir / "distill_masks.jpg")
                 if kd_stats and i % 10 == 0:  # coverage and losses need a device sync: sample every 10th batch
                     cover = mask_coverage(kd_stats["masks"])  # empty for the terms without a mask (cwd, mgd)

@@ -244,12 +244,18 @@ def plain_keys(tiny_data, tiny_cfg, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["cwd", "mgd"])
 def test_method_run_with_p6_teacher_of_other_nc_resumes_and_leaves_a_plain_student(method, tiny_data, tiny_cfg,
-                                                                                   tmp_path, monkeypatch, plain_keys):
+                                                                                   tmp_path, monkeypatch, plain_keys,
+                                                                                   logs):
     """A P6 teacher (strides 8..64) with 80 classes: the method imitates the student's three levels; a run
-    killed after epoch 0 resumes with the method's modules; the finished checkpoints hold the plain student."""
+    killed after epoch 0 resumes with the method's modules; the finished checkpoints hold the plain student.
+    No mask plot is attempted (these methods have no mask), and the epoch's log line names both losses."""
     teacher = make_teacher(tmp_path / "p6_nc80.pt", base="yolov5s6.yaml", width=0.125, nc=80)
     killed_after_first_epoch(monkeypatch, lambda: kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2, imgsz=128,
-                                                         distill_method=method))
+                                                         distill_method=method, noplots=False))
+    assert not (tmp_path / "runs" / "kd" / "distill_masks.jpg").exists()
+    assert not any("plot_distill_masks" in m for m in logs)
+    assert any(m.startswith(f"distill: {method}; mean weighted imitation loss") and "vs detection loss" in m
+               for m in logs)
     last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
     saved = torch.load(last, weights_only=True)
     assert saved["distill"]["method"] == method and saved["adapters"]
