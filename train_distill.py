@@ -6,6 +6,7 @@ this is ordinary YOLOv5 training, so a baseline differs from its distilled twin 
     python train_distill.py                                      # yolov5s on the embedded shapes set
     python train_distill.py --cfg yolov5s.yaml --data coco128.yaml --weights yolov5s.pt
     python train_distill.py --teacher yolov5l.pt --cfg yolov5s.yaml --data coco128.yaml
+    python train_distill.py --teacher yolov5l.pt --cfg yolov5s.yaml --data coco128.yaml --distill-method cwd
     torchrun --nproc_per_node 2 train_distill.py --teacher runs/train/exp/weights/best.pt --batch-size 32
 """
 import argparse
@@ -34,6 +35,7 @@ from utils.autoanchor import check_anchors
 from utils.data_config import check_dataset
 from utils.dataloaders import create_dataloader
 from utils.distill import FeatureImitation, mask_coverage
+from utils.distill_methods import AUTO, METHODS, WEIGHT_FLAGS, AutoWeight, build_method, weight_arg
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
 from utils.logging import LOGGER, UserError, cli_main, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
@@ -132,17 +134,24 @@ def load_teacher(opt, student: DetectionModel, device) -> tuple[nn.Module, list[
 
 
 def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: list[int],
-                    anchor_t: float) -> FeatureImitation:
-    """The imitation term (adapters + settings) the --distill-* flags describe, for this student and teacher."""
+                    anchor_t: float) -> nn.Module:
+    """The imitation term (adapters or other trainable parts + settings) the --distill-* flags describe, for
+    this student and teacher; weighted 0 while an 'auto' weight is being set (AutoWeight)."""
     s_det, t_det = student.model[-1], teacher.model[-1]
     if opt.distill_target == "head":  # raw maps of equal shape: no adapter
         student_ch = teacher_ch = [m.out_channels for m in s_det.m]
     else:
         student_ch = [m.in_channels for m in s_det.m]
         teacher_ch = [t_det.m[j].in_channels for j in levels]
+    weight = getattr(opt, WEIGHT_FLAGS[opt.distill_method])
+    weight = 0.0 if weight == AUTO else weight
+    adapter = "none" if opt.distill_target == "head" else opt.distill_adapter
+    if opt.distill_method != "fgfi":
+        return build_method(opt.distill_method, student_ch, teacher_ch, adapter=adapter, weight=weight,
+                            warmup=opt.distill_warmup or 0, cwd_tau=opt.cwd_tau, mgd_ratio=opt.mgd_ratio)
     return FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask, thresh=opt.distill_thresh,
-                            weight=opt.distill_weight, warmup=opt.distill_warmup or 0,  # set once nb is known
-                            adapter="none" if opt.distill_target == "head" else opt.distill_adapter,
+                            weight=weight, warmup=opt.distill_warmup or 0,  # set once nb is known
+                            adapter=adapter,
                             anchor_t=anchor_t if opt.distill_assign else None,
                             normalize=None if opt.distill_norm == "none" else opt.distill_norm)
 
@@ -233,7 +242,7 @@ def train(hyp: dict, opt, device) -> tuple:
         raise ValueError(f"--batch-size {batch_size} must be positive")
 
     # Teacher and imitation module (adapters are built before the optimiser so they train with the student)
-    teacher, imitation, teacher_levels = None, None, []
+    teacher, imitation, teacher_levels, auto_weight = None, None, [], None
     if opt.teacher:
         teacher, teacher_levels = load_teacher(opt, model, device)
         check_image_size_vs_teacher(teacher, imgsz)
@@ -241,6 +250,10 @@ def train(hyp: dict, opt, device) -> tuple:
         if ckpt is not None and opt.resume and ckpt.get("adapters"):
             imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
             LOGGER.info("resumed the distillation adapters from the checkpoint")
+        weight_flag = WEIGHT_FLAGS[opt.distill_method]
+        if getattr(opt, weight_flag) == AUTO:
+            auto_weight = AutoWeight(getattr(parse_opt(True, []), weight_flag), opt.distill_auto_ratio,
+                                     opt.distill_auto_iters)
 
     # Optimiser: three groups; weight decay scaled to the nominal batch size
     nbs = opt.nbs  # nominal batch size: gradients are accumulated up to it
@@ -402,6 +415,12 @@ def train(hyp: dict, opt, device) -> tuple:
                     break
                 continue
             nonfinite = 0
+            if auto_weight is not None and kd_stats.get("active"):
+                lam = auto_weight.observe(loss_items, kd_stats["raw"])
+                if lam is not None:  # set once; the checkpoints' opt records it, so --resume keeps it
+                    imitation.weight, auto_weight = lam, None
+                    setattr(opt, weight_flag, lam)
+                    LOGGER.info(f"distill: --{weight_flag.replace('_', '-')} auto set to {lam:.4g}")
 
             scaler.scale(loss).backward()
             if ni - last_opt_step >= accumulate:
@@ -422,17 +441,19 @@ def train(hyp: dict, opt, device) -> tuple:
                                                                   targets.shape[0], imgs.shape[-1]))
                 if plots and ni < 3:
                     plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names=names)
-                if plots and ni == 0 and imitation is not None:
-                    plot_distill_masks(imgs, targets, kd_stats.get("masks", []), model.stride.tolist(),
+                if plots and ni == 0 and kd_stats.get("masks"):  # FGFI's masks (cwd and mgd have none)
+                    plot_distill_masks(imgs, targets, kd_stats["masks"], model.stride.tolist(),
                                        save_dir / "distill_masks.jpg")
-                if kd_stats.get("masks") and i % 10 == 0:  # coverage needs a device sync: sample every 10th batch
-                    cover = mask_coverage(kd_stats["masks"])
-                    kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
-                    kd_n += 1
+                if kd_stats and i % 10 == 0:  # coverage and losses need a device sync: sample every 10th batch
+                    cover = mask_coverage(kd_stats["masks"])  # empty for the terms without a mask (cwd, mgd)
+                    if cover:
+                        kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
+                        kd_n += 1
                     if kd_stats["active"]:  # during warm-up the term is not computed
                         tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
-                    for s_, c_, l_ in zip(model.stride.tolist(), cover, kd_stats["per_level"].tolist()):
-                        tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", c_, ni)
+                    for k, (s_, l_) in enumerate(zip(model.stride.tolist(), kd_stats["per_level"].tolist())):
+                        if cover:
+                            tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", cover[k], ni)
                         if kd_stats["active"]:
                             tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
         if stop and nonfinite:
@@ -440,10 +461,11 @@ def train(hyp: dict, opt, device) -> tuple:
 
         lr = [x["lr"] for x in optimizer.param_groups]
         scheduler.step()
-        if main_process and kd_n:
-            LOGGER.info("distill: mask coverage " + ", ".join(
-                f"P{int(math.log2(s_))} {c_ / kd_n:.1f}%" for s_, c_ in zip(model.stride.tolist(), kd_cover)) +
-                f"; mean weighted imitation loss {mloss[3]:.4g} vs detection loss {mloss[:3].sum():.4g} (per image)")
+        if main_process and imitation is not None:
+            head = "mask coverage " + ", ".join(f"P{int(math.log2(s_))} {c_ / kd_n:.1f}%" for s_, c_ in
+                                                 zip(model.stride.tolist(), kd_cover)) if kd_n else opt.distill_method
+            LOGGER.info(f"distill: {head}; mean weighted imitation loss {mloss[3]:.4g} vs detection loss "
+                        f"{mloss[:3].sum():.4g} (per image; lambda {imitation.weight:.4g})")
 
         if main_process:
             ema.update_attr(model)
@@ -515,7 +537,9 @@ def distill_record(opt) -> dict:
     return {"teacher": str(opt.teacher), "teacher_sha256": file_sha256(opt.teacher), "target": opt.distill_target,
             "mask": opt.distill_mask, "thresh": opt.distill_thresh, "weight": opt.distill_weight,
             "warmup": opt.distill_warmup, "adapter": opt.distill_adapter, "assign": bool(opt.distill_assign),
-            "normalize": opt.distill_norm, "previous_teachers": getattr(opt, "previous_teachers", [])}
+            "normalize": opt.distill_norm, "previous_teachers": getattr(opt, "previous_teachers", []),
+            "method": opt.distill_method, "cwd_tau": opt.cwd_tau, "cwd_weight": opt.cwd_weight,
+            "mgd_ratio": opt.mgd_ratio, "mgd_alpha": opt.mgd_alpha}
 
 
 def parse_opt(known: bool = False, argv=None):
@@ -564,7 +588,8 @@ def parse_opt(known: bool = False, argv=None):
     kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
-    kd.add_argument("--distill-weight", type=float, default=0.01, help="lambda: weight of the imitation loss")
+    kd.add_argument("--distill-weight", type=weight_arg, default=0.01,
+                    help="lambda: weight of the FGFI imitation loss, or 'auto' (see --distill-auto-ratio)")
     kd.add_argument("--distill-warmup", type=int, default=None,
                     help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's minimum "
                          f"LR warm-up, or half the run's iterations when it is shorter than {2 * DISTILL_WARMUP})")
@@ -574,8 +599,24 @@ def parse_opt(known: bool = False, argv=None):
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
     kd.add_argument("--teacher-changed-ok", action="store_true",
                     help="--resume even though the teacher file changed since the run started (both are recorded)")
-    kd.add_argument("--distill-norm", choices=["none", "channel"], default="none",
-                    help="divide each level's imitation term by its channel count")
+    kd.add_argument("--distill-norm", choices=["none", "channel", "pkd"], default="none",
+                    help="divide each level's FGFI term by its channel count (channel), or standardise each "
+                         "channel of both maps first and then divide (pkd: independent of the teacher's scale)")
+    kd.add_argument("--distill-method", choices=METHODS, default="fgfi",
+                    help="fgfi: masked feature imitation (the --distill-mask/thresh/assign/norm flags); cwd: "
+                         "channel-wise distillation (Shu et al. 2021); mgd: masked generative distillation "
+                         "(Yang et al. 2022)")
+    kd.add_argument("--distill-auto-ratio", type=float, default=1.0,
+                    help="an 'auto' weight makes the weighted term this many times the detection loss, measured "
+                         "over the first --distill-auto-iters imitating iterations (then fixed)")
+    kd.add_argument("--distill-auto-iters", type=int, default=20,
+                    help="imitating iterations that set an 'auto' weight (the term is weighted 0 during them)")
+    kd.add_argument("--cwd-tau", type=float, default=1.0, help="cwd: softmax temperature")
+    # 1.0: the weighted CWD term is ~2.5x the detection loss in the first imitating epoch of the shapes recipe,
+    # with a 7- and a 15-epoch yolov5s teacher alike (FGFI's default on that recipe: 3-7x, and teacher-dependent)
+    kd.add_argument("--cwd-weight", type=weight_arg, default=1.0, help="cwd: weight of the term, or 'auto'")
+    kd.add_argument("--mgd-ratio", type=float, default=0.65, help="mgd: probability that a cell is zeroed")
+    kd.add_argument("--mgd-alpha", type=weight_arg, default=2e-5, help="mgd: weight of the term, or 'auto'")
     return parser.parse_known_args(argv)[0] if known else parser.parse_args(argv)
 
 

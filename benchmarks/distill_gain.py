@@ -9,6 +9,7 @@ Ablations (--ablations) vary one distillation setting at a time around the defau
     python benchmarks/distill_gain.py --ablations          # + target, adapter, mask kind, psi, assignment, lambda
     python benchmarks/distill_gain.py --jobs 2             # two student runs at a time, one thread each
     python benchmarks/distill_gain.py --ablation-names target=head adapter=3x3   # chosen ablations only
+    python benchmarks/distill_gain.py --methods fgfi,cwd,mgd   # one row per distillation method
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md}. Runs already finished are reused.
 """
 import argparse
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import val as validate  # noqa: E402
+from utils.distill_methods import METHODS  # noqa: E402
 
 # One setting changed at a time; everything else stays at train_distill.py's defaults (neck imitation
 # through 1x1 adapters, fine mask, psi 0.5, lambda 0.01, warm-up 100).
@@ -93,6 +95,8 @@ def main():
                     help=f"run only these ablations (default: all of {', '.join(ABLATIONS)})")
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds for ablations (default: all)")
     ap.add_argument("--weight", type=float, default=None, help="lambda for the default run (else the trainer's)")
+    ap.add_argument("--methods", default="fgfi", help="comma-separated --distill-method values, one row each "
+                                                      "(fgfi's row is 'distilled')")
     ap.add_argument("--jobs", type=int, default=1, help="student runs trained side by side (threads split evenly)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
     ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/distill_gain"))
@@ -114,7 +118,13 @@ def main():
     ablations["lambda=x0.1"] = ["--distill-weight", f"{lam * 0.1:g}"]
     ablations["lambda=x10"] = ["--distill-weight", f"{lam * 10:g}"]
 
-    configs = {"baseline": [], "distilled": default_kd}
+    methods = [m.strip() for m in opt.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods:
+        raise SystemExit(f"--methods {opt.methods}: choose from {', '.join(METHODS)}")
+    configs = {"baseline": []}
+    configs.update({"distilled" if m == "fgfi" else m: [*default_kd, "--distill-method", m] for m in methods})
+    main_configs = set(configs)
     if opt.ablations or opt.ablation_names:
         unknown = set(opt.ablation_names or []) - set(ablations)
         if unknown:
@@ -125,7 +135,7 @@ def main():
 
     runs = []  # (config, seed, run name, train_distill.py flags)
     for cfg_name, args in configs.items():
-        for seed in opt.seeds if cfg_name in ("baseline", "distilled") else abl_seeds:
+        for seed in opt.seeds if cfg_name in main_configs else abl_seeds:
             runs.append((cfg_name, seed, f"{cfg_name.replace(' ', '_').replace('=', '-')}_s{seed}",
                          ["--cfg", opt.student_cfg, "--epochs", str(opt.epochs), "--seed", str(seed), *args]))
     threads = max(1, (os.cpu_count() or 1) // opt.jobs) if opt.jobs > 1 else None

@@ -74,6 +74,22 @@ def killed_after_first_epoch(monkeypatch, train_call):
     monkeypatch.setattr(validate, "run", real_val)
 
 
+def resume_recording_loaded_state(monkeypatch, cls, last):
+    """Resume train_distill from checkpoint `last`, recording the state dict loaded into the imitation term
+    of class `cls`; -> (the run's opt, that state dict)."""
+    import train_distill
+
+    loaded = {}
+    real_load = cls.load_state_dict
+
+    def spy(self, state, *a, **k):
+        loaded.update(state)
+        return real_load(self, state, *a, **k)
+
+    monkeypatch.setattr(cls, "load_state_dict", spy)
+    return train_distill.run(resume=str(last)), loaded
+
+
 def read_csv(path) -> list[dict]:
     """Rows of a csv file (e.g. a run's results.csv) as dicts."""
     with open(path) as f:

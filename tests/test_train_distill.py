@@ -10,7 +10,7 @@ import torch
 import train_distill
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models.yolo import DetectionModel
-from tests.conftest import killed_after_first_epoch, read_csv, tiny_cfg_dict
+from tests.conftest import killed_after_first_epoch, read_csv, resume_recording_loaded_state, tiny_cfg_dict
 from utils.distill import FeatureImitation
 
 pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
@@ -180,15 +180,7 @@ def test_resume_of_a_distilling_run_keeps_the_adapters(tiny_data, tiny_cfg, tmp_
     saved = torch.load(last, weights_only=True)["adapters"]
     assert saved, "an unfinished distilling run keeps its adapters in last.pt"
 
-    loaded = {}
-    real_load = FeatureImitation.load_state_dict
-
-    def spy(self, state, *a, **k):
-        loaded.update(state)
-        return real_load(self, state, *a, **k)
-
-    monkeypatch.setattr(FeatureImitation, "load_state_dict", spy)
-    opt = train_distill.run(resume=str(last))
+    opt, loaded = resume_recording_loaded_state(monkeypatch, FeatureImitation, last)
     assert opt.teacher == str(teacher) and loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k].float()) for k in saved)
 

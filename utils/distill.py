@@ -74,16 +74,32 @@ def adapt_at(adapt, s, b, y, x):
     return act(out) if act is not None else out
 
 
+NORMS = (None, "channel", "pkd")
+
+
+def standardize_channels(x, eps=1e-5):
+    """x [N, C, H, W] with each channel shifted and scaled to mean 0, variance 1 over the batch and the cells
+    (a constant channel becomes 0)."""
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * (var + eps).rsqrt()
+
+
 def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None):
     """Sum over levels of sum_{masked cells, channels} (adapt(s) - t)^2 / (2 * N_p), in float32.
 
     N_p = masked cells of the level over the batch; a level with no masked cell gives 0 that is still
     connected to the student and the adapter. normalize='channel' also divides each level by its channels.
-    The adapter is evaluated at the masked cells only (adapt_at).
+    normalize='pkd' (Cao et al., NeurIPS 2022) first standardises every channel of adapt(s) and of t over
+    the whole maps of the batch (standardize_channels), then divides by the channels too: the term then
+    depends neither on the teacher's feature magnitudes nor on its channel count (with every cell masked
+    it is the mean over channels of 1 - the Pearson correlation of the two maps: 0 to 2).
+    The adapter is evaluated at the masked cells only (adapt_at), except under 'pkd', which standardises
+    the whole adapted map.
     Returns (loss scalar, per_level detached [nl]).
     """
-    if normalize not in (None, "channel"):
-        raise ValueError(f"normalize must be None or 'channel', got {normalize}")
+    if normalize not in NORMS:
+        raise ValueError(f"normalize must be one of {NORMS}, got {normalize}")
     if not len(student_feats) == len(teacher_feats) == len(masks) == len(adapters):
         raise ValueError(f"levels differ: {len(student_feats)} student, {len(teacher_feats)} teacher, "
                          f"{len(masks)} masks, {len(adapters)} adapters")
@@ -95,12 +111,15 @@ def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None
                              f"mask {tuple(m.shape)}")
         b, y, x = m.nonzero(as_tuple=True)  # one host sync per level: the number of masked cells
         with torch.autocast(device_type=s.device.type, enabled=False):
-            a = adapt_at(adapt, s.float(), b, y, x)  # [N_p, C_t]
+            if normalize == "pkd":
+                a, t = standardize_channels(adapt(s.float()))[b, :, y, x], standardize_channels(t)
+            else:
+                a = adapt_at(adapt, s.float(), b, y, x)  # [N_p, C_t]
         if a.shape[1] != t.shape[1]:
             raise ValueError(f"adapted student has {a.shape[1]} channels, teacher {t.shape[1]}")
         sq = (a - t[b, :, y, x]).pow(2).sum()  # no masked cell: an empty sum, 0 still connected to s and adapt
         term = sq / (2 * max(b.numel(), 1))
-        terms.append(term / t.shape[1] if normalize == "channel" else term)
+        terms.append(term if normalize is None else term / t.shape[1])
     loss = torch.stack(terms).sum()
     return loss, torch.stack(terms).detach()
 
@@ -121,7 +140,7 @@ class FeatureImitation(nn.Module):
         levels = list(range(len(student_ch))) if levels is None else [int(i) for i in levels]
         if not levels or any(not 0 <= i < len(student_ch) for i in levels):
             raise ValueError(f"imitated levels {levels} not within 0..{len(student_ch) - 1}")
-        if kind not in KINDS or normalize not in (None, "channel"):
+        if kind not in KINDS or normalize not in NORMS:
             raise ValueError(f"bad imitation kind '{kind}' or normalize '{normalize}'")
         adapters = build_adapters([student_ch[i] for i in levels], [teacher_ch[i] for i in levels], adapter)
         for k, m in enumerate(adapters):
