@@ -41,6 +41,9 @@ ABLATIONS = {
     "psi=0.7": ["--distill-thresh", "0.7"],
     "assign=on": ["--distill-assign"],
     "warmup=0": ["--distill-warmup", "0"],
+    "norm=pkd": ["--distill-norm", "pkd", "--distill-weight", "0.15"],  # standardised maps: ~0.15 matches cwd's ratio
+    "norm=channel": ["--distill-norm", "channel"],
+    "lambda=auto": ["--distill-weight", "auto"],
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x10": None,
 }
@@ -100,6 +103,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="student runs trained side by side (threads split evenly)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
     ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/distill_gain"))
+    ap.add_argument("--results", default=None, metavar="NAME",
+                    help="also write benchmarks/results/NAME.csv and NAME.md (with the commit, command and machine)")
     opt = ap.parse_args()
 
     out = Path(opt.out)
@@ -146,11 +151,12 @@ def main():
              "train_s": round(t_sec)}]
     for (cfg_name, seed, _, _), (best, sec) in zip(runs, trained):
         m50, m = evaluate(best, opt.data, opt.imgsz)
-        rows.append({"config": cfg_name, "seed": seed, "mAP50": m50, "mAP50-95": m, "train_s": round(sec)})
+        rows.append({"config": cfg_name, "seed": seed, "mAP50": m50, "mAP50-95": m, "train_s": round(sec),
+                     **loss_ratios(best.parents[1] / "results.csv")})
         print(f"{cfg_name:>16} seed {seed}: mAP50 {m50:.4f}  mAP50-95 {m:.4f}", flush=True)
 
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
 
@@ -169,25 +175,67 @@ def main():
         return f"{100 * statistics.mean(v):+.0f}%" + (f" ± {100 * statistics.stdev(v):.0f}%" if len(v) > 1 else "") \
             if v else ""
 
+    def ratio(cfg):
+        """Weighted imitation / detection loss per image: first imitating epoch -> last (mean over seeds)."""
+        v = [(r["ratio_first"], r["ratio_last"]) for r in rows if r["config"] == cfg and r.get("ratio_first") != ""]
+        return f"{statistics.mean(a for a, _ in v):.2f}x -> {statistics.mean(b for _, b in v):.2f}x" if v else ""
+
     lines = [f"Shapes, imgsz {opt.imgsz}, teacher {opt.teacher_cfg} ({opt.teacher_epochs} epochs), students "
              f"{opt.student_cfg} ({opt.epochs} epochs, seeds {opt.seeds}), batch {opt.batch_size}, nbs {opt.nbs}, "
              f"{opt.optimizer}, {opt.hyp}, extra flags: {' '.join(opt.extra) or 'none'}; {opt.jobs} run(s) at a time; "
              f"machine: {platform.processor() or platform.machine()}, CPU only.",
              "Gap closed = (run - baseline) / (teacher - baseline) in mAP50-95: against the mean baseline, and "
              "paired (each seed against the baseline of the same seed; mean ± sd over seeds).", "",
-             "| run | seeds | mAP50 (mean ± sd) | mAP50-95 (mean ± sd) | gap closed | gap closed, paired |",
-             "|---|---|---|---|---|---|",
-             f"| teacher | 0 | {t50:.4f} | {t:.4f} | | |"]
+             "Loss ratio: the weighted imitation term over the detection loss (box + obj + cls), per image, in the "
+             "first imitating epoch -> the last (train/ columns of results.csv; mean over seeds).", "",
+             "| run | seeds | mAP50 (mean ± sd) | mAP50-95 (mean ± sd) | gap closed | gap closed, paired | loss ratio |",
+             "|---|---|---|---|---|---|---|",
+             f"| teacher | 0 | {t50:.4f} | {t:.4f} | | | |"]
     for cfg in dict.fromkeys(r["config"] for r in rows[1:]):
         m50, s50, _ = stats(cfg, "mAP50")
         m, s, _ = stats(cfg, "mAP50-95")
         seeds = ",".join(str(r["seed"]) for r in rows if r["config"] == cfg)
         closed = "" if cfg == "baseline" or t == base else f"{100 * (m - base) / (t - base):+.0f}%"
         lines.append(f"| {cfg} | {seeds} | {m50:.4f} ± {s50:.4f} | {m:.4f} ± {s:.4f} | {closed} | "
-                     f"{'' if cfg == 'baseline' else paired(cfg)} |")
+                     f"{'' if cfg == 'baseline' else paired(cfg)} | {ratio(cfg)} |")
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
+    if opt.results:
+        write_results(opt.results, rows, summary)
+
+
+def loss_ratios(results_csv) -> dict:
+    """Imitation / detection loss of the first epoch with a non-zero imitation term and of the last epoch."""
+    with open(results_csv) as f:
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    def r(row):
+        det = sum(float(row[f"train/{k}_loss"]) for k in ("box", "obj", "cls"))
+        return round(float(row["train/kd_loss"]) / det, 3) if det else ""
+    kd = [row for row in rows if float(row.get("train/kd_loss") or 0) > 0]
+    return {"ratio_first": r(kd[0]), "ratio_last": r(rows[-1])} if kd else {"ratio_first": "", "ratio_last": ""}
+
+
+def write_results(name, rows, summary):
+    """benchmarks/results/NAME.csv and NAME.md, stamped with the commit, the command line and the machine."""
+    res = ROOT / "benchmarks" / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    stamp = (f"commit {commit or '?'}{' (with uncommitted changes)' if dirty else ''}; command: "
+             f"`python benchmarks/distill_gain.py {' '.join(sys.argv[1:])}`; machine: {cpu}, {os.cpu_count()} "
+             f"cores, CPU only, torch {__import__('torch').__version__}")
+    with open(res / f"{name}.csv", "w", newline="") as f:
+        f.write(f"# {stamp}\n")
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    (res / f"{name}.md").write_text(f"# Distillation gain: {name}\n\n{stamp}\n\n{summary}\n")
+    print(f"results written to {res / name}.csv and .md")
 
 
 if __name__ == "__main__":
