@@ -42,7 +42,7 @@ from utils.loss import ComputeLoss, scale_loss_gains
 from utils.metrics import fitness
 from utils.plots import plot_distill_masks, plot_images, plot_labels, plot_results
 from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, ModelEMA, de_parallel, init_seeds, select_device, \
-    smart_optimizer, torch_distributed_zero_first
+    smart_optimizer, torch_distributed_zero_first, training_memory_format
 
 MAX_NONFINITE = 5  # consecutive non-finite losses before the run is stopped
 CSV_KEYS = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "train/kd_loss",
@@ -228,6 +228,8 @@ def train(hyp: dict, opt, device) -> tuple:
         transfer_weights(model, src, exclude=exclude, source=weights)
     else:
         model = DetectionModel(find_file(opt.cfg), ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+    mem_format = training_memory_format(device)
+    model.to(memory_format=mem_format)  # the EMA copy inherits it; checkpoints store contiguous tensors
 
     # Freeze: --freeze N freezes layers 0..N-1; --freeze a b c freezes those layers
     freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
@@ -369,7 +371,7 @@ def train(hyp: dict, opt, device) -> tuple:
         optimizer.zero_grad()
         for i, (imgs, targets, paths, _) in pbar:
             ni = i + nb * epoch  # iterations since the start of training
-            imgs = imgs.to(device, non_blocking=True).float() / 255
+            imgs = imgs.to(device, non_blocking=True, memory_format=mem_format).float() / 255
             targets = targets.to(device)
 
             # Warm-up: accumulate fewer batches, ramp bias LR down from warmup_bias_lr and the rest up from 0

@@ -127,7 +127,9 @@ def _to_float(x):
 def _half_state(module_or_state):
     """fp16 CPU copy of a state_dict (integer buffers such as num_batches_tracked unchanged)."""
     sd = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    return {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()) for k, v in sd.items()}
+    # contiguous: a model trained channels-last (utils.torch_utils.training_memory_format) saves the usual layout
+    return {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in sd.items()}
 
 
 def _bare(model):

@@ -206,6 +206,20 @@ def test_round_trip_own_format(tmp_path):
     assert torch.equal(outputs(plain, x)[0], outputs(model, x)[0])
 
 
+def test_channels_last_model_saves_the_usual_layout(tmp_path):
+    from utils.torch_utils import training_memory_format
+    fmt = training_memory_format(torch.device("cpu"))
+    assert fmt == torch.channels_last  # the CPU trainer holds its model (and so its EMA) in this layout
+    model = tiny_model()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(memory_format=fmt)
+    assert not model.state_dict()["model.0.conv.weight"].is_contiguous()
+    raw = torch.load(save_checkpoint(tmp_path / "w.pt", model, ema=model), weights_only=True)
+    for part in ("model", "ema"):
+        assert all(v.is_contiguous() for v in raw[part].values())
+        assert all(torch.equal(raw[part][k].float(), ref[k].float()) for k in ref if ref[k].is_floating_point())
+
+
 def test_load_model_fuse_matches(tmp_path):
     model = tiny_model()
     path = save_checkpoint(tmp_path / "a.pt", model)

