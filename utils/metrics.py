@@ -115,7 +115,7 @@ def ap_per_class(tp, conf, pred_cls, target_cls, plot=False, save_dir=".", names
     tp = np.asarray(tp)
     tp = tp[:, None] if tp.ndim == 1 else tp
     conf, pred_cls, target_cls = (np.asarray(x).reshape(-1) for x in (conf, pred_cls, target_cls))
-    i = np.argsort(-conf, kind="stable")
+    i = np.argsort(-conf)  # numpy's default sort, as YOLOv5 calls it, so equal confidences rank alike
     tp, conf, pred_cls = tp[i], conf[i], pred_cls[i]
     unique_classes, nt = np.unique(target_cls, return_counts=True)
     nc = len(unique_classes)
