@@ -40,6 +40,18 @@ def test_two_epochs_write_every_artefact(tiny_data, tiny_cfg, tmp_path):
     assert model.nc == 6 and not model.training
 
 
+def test_noplots_run_never_imports_matplotlib(tiny_data, tiny_cfg, tmp_path):
+    code = ("import sys, train_distill\n"
+            f"train_distill.run(cfg={str(tiny_cfg)!r}, data={str(tiny_data)!r}, imgsz=64, batch_size=8, epochs=1, "
+            f"workers=0, device='cpu', project={str(tmp_path / 'runs')!r}, name='exp', noplots=True)\n"
+            "print('matplotlib' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "False"  # its import alone is ~0.5 s of every start-up
+    assert (tmp_path / "runs" / "exp" / "weights" / "best.pt").is_file()
+
+
 def test_resume_continues_the_same_run(tiny_data, tiny_cfg, tmp_path, monkeypatch):
     killed_after_first_epoch(monkeypatch, lambda: tiny_run(tiny_data, tiny_cfg, tmp_path, epochs=3))
     run_dir = tmp_path / "runs" / "exp"

@@ -11,7 +11,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from utils.data_config import class_name
 from utils.logging import LOGGER
@@ -28,6 +27,12 @@ def _palette(n=20):
 
 
 _PALETTE = _palette()
+
+
+def _figure(figsize):
+    """A pyplot-free figure; matplotlib is imported here, so runs that draw nothing (--noplots) skip its import."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize, tight_layout=True)
 
 
 def colors(i, bgr=False):
@@ -141,7 +146,7 @@ def plot_labels(labels, names=(), save_dir=Path("")):
     labels = _numpy(labels).reshape(-1, 5)
     c, b = labels[:, 0].astype(int), labels[:, 1:]
     nc = max(int(c.max()) + 1 if len(c) else 0, len(names))
-    fig = Figure(figsize=(8, 8), tight_layout=True)
+    fig = _figure((8, 8))
     ax = fig.subplots(2, 2).ravel()
 
     counts = np.bincount(c, minlength=nc)
@@ -187,7 +192,7 @@ def plot_results(csv_file="results.csv"):
     x = rows[:, xi] if xi is not None else np.arange(len(rows))
     cols = [i for i in range(len(header)) if i != xi]
     ncol = max(1, math.ceil(len(cols) / 2))
-    fig = Figure(figsize=(2.6 * ncol, 6), tight_layout=True)
+    fig = _figure((2.6 * ncol, 6))
     axes = np.atleast_1d(fig.subplots(2, ncol)).ravel()
     for a, i in zip(axes, cols):
         keep = ~np.isnan(rows[:, i])
@@ -204,7 +209,7 @@ def plot_pr_curve(px, py, ap, fname="pr_curve.png", names=()):
     """Precision-recall curves: py [nc, len(px)] precision at recall px; ap [nc, 10] (column 0 = AP50)."""
     py = np.asarray(py).reshape(-1, len(px))
     ap = np.asarray(ap).reshape(len(py), -1)
-    fig = Figure(figsize=(9, 6), tight_layout=True)
+    fig = _figure((9, 6))
     a = fig.subplots()
     if 0 < len(py) < 21:  # per-class legend only while readable
         for i, y in enumerate(py):
@@ -223,7 +228,7 @@ def plot_pr_curve(px, py, ap, fname="pr_curve.png", names=()):
 def plot_mc_curve(px, py, fname="mc_curve.png", names=(), xlabel="Confidence", ylabel="Metric"):
     """A metric against confidence per class (py [nc, len(px)]) and its class mean with its best point."""
     py = np.asarray(py).reshape(-1, len(px))
-    fig = Figure(figsize=(9, 6), tight_layout=True)
+    fig = _figure((9, 6))
     a = fig.subplots()
     for i, y in enumerate(py):
         a.plot(px, y, linewidth=1, **({"label": class_name(names, i)} if len(py) < 21 else {"color": "grey"}))
@@ -245,7 +250,7 @@ def plot_confusion_matrix(matrix, names=(), fname="confusion_matrix.png", normal
         m = m / (m.sum(0, keepdims=True) + 1e-9)  # each true class (column) sums to 1
     m = np.where(m < 0.005, np.nan, m)  # blank the near-zero cells
     labels = [class_name(names, i) for i in range(nc)] + ["background"]
-    fig = Figure(figsize=(12, 9), tight_layout=True)
+    fig = _figure((12, 9))
     a = fig.subplots()
     im = a.imshow(m, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(im, ax=a)
