@@ -68,6 +68,37 @@ class EarlyStopping:
         return stop
 
 
+class NonFiniteGuard:
+    """Skips steps whose loss is not finite (all ranks agree) and stops the run after `limit` in a row."""
+
+    def __init__(self, limit=MAX_NONFINITE):
+        self.limit, self.count = limit, 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.count >= self.limit
+
+    def skip(self, loss, epoch, i) -> bool:
+        """True when this batch's step is to be skipped (its loss is not finite on some rank)."""
+        finite = torch.isfinite(loss).all().float()
+        if RANK != -1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() >= 1:
+            self.count = 0
+            return False
+        self.count += 1
+        LOGGER.warning(f"WARNING non-finite loss at epoch {epoch} batch {i} ({self.count} in a row): step skipped")
+        if self.stopped:
+            LOGGER.error(f"ERROR {self.count} non-finite losses in a row: stopping the run. Try a lower "
+                         f"--hyp lr0, --distill-weight, or check the data.")
+        return True
+
+    def raise_if_stopped(self):
+        if self.stopped:
+            raise UserError(f"training stopped after {self.count} non-finite losses in a row (see warnings above); "
+                            f"no checkpoint was written from the diverged weights")
+
+
 def train(hyp: dict, opt, device) -> tuple:
     save_dir = Path(opt.save_dir)
     epochs, batch_size, weights, single_cls = opt.epochs, opt.batch_size, opt.weights, opt.single_cls
@@ -218,7 +249,7 @@ def train(hyp: dict, opt, device) -> tuple:
     amp = cuda
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper, stop = EarlyStopping(patience=opt.patience), False
-    nonfinite = 0
+    nonfinite = NonFiniteGuard()
     params = [p for p in step_module.parameters() if p.requires_grad]
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
                 f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs...")
@@ -271,22 +302,11 @@ def train(hyp: dict, opt, device) -> tuple:
                 if RANK != -1:
                     loss *= WORLD_SIZE  # DDP averages gradients across ranks
 
-            # Non-finite guard: skip the step (all ranks agree), stop after a few in a row
-            finite = torch.isfinite(loss).all().float()
-            if RANK != -1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
-                nonfinite += 1
-                LOGGER.warning(f"WARNING non-finite loss at epoch {epoch} batch {i} ({nonfinite} in a row): "
-                               f"step skipped")
+            if nonfinite.skip(loss, epoch, i):
                 optimizer.zero_grad()
-                if nonfinite >= MAX_NONFINITE:
-                    stop = True
-                    LOGGER.error(f"ERROR {nonfinite} non-finite losses in a row: stopping the run. Try a lower "
-                                 f"--hyp lr0, --distill-weight, or check the data.")
+                if nonfinite.stopped:
                     break
                 continue
-            nonfinite = 0
             if auto_weight is not None and kd_stats.get("active"):
                 lam = auto_weight.observe(loss_items, kd_stats["raw"])
                 if lam is not None:  # set once; the checkpoints' opt records it, so --resume keeps it
@@ -328,7 +348,7 @@ def train(hyp: dict, opt, device) -> tuple:
                             tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", cover[k], ni)
                         if kd_stats["active"]:
                             tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
-        if stop and nonfinite:
+        if nonfinite.stopped:
             break
 
         lr = [x["lr"] for x in optimizer.param_groups]
@@ -398,9 +418,7 @@ def train(hyp: dict, opt, device) -> tuple:
         if tb is not None:
             tb.close()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
-    if nonfinite >= MAX_NONFINITE:
-        raise UserError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
-                        f"no checkpoint was written from the diverged weights")
+    nonfinite.raise_if_stopped()
     return results
 
 
