@@ -12,7 +12,6 @@ this is ordinary YOLOv5 training, so a baseline differs from its distilled twin 
 import argparse
 import csv
 import glob
-import hashlib
 import math
 import os
 import sys
@@ -34,8 +33,10 @@ from utils.augmentations import check_img_size
 from utils.autoanchor import check_anchors
 from utils.data_config import check_dataset
 from utils.dataloaders import create_dataloader
-from utils.distill import FeatureImitation, mask_coverage
-from utils.distill_methods import AUTO, METHODS, WEIGHT_FLAGS, AutoWeight, build_method, weight_arg
+from utils.distill import mask_coverage
+from utils.distill_methods import AUTO, METHODS, WEIGHT_FLAGS, AutoWeight, weight_arg
+from utils.distill_setup import DISTILL_WARMUP, StudentWithImitation, build_imitation, check_image_size_vs_teacher, \
+    distill_record, distill_warmup, file_sha256, load_teacher, teacher_features
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
 from utils.logging import LOGGER, UserError, cli_main, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
@@ -48,30 +49,6 @@ MAX_NONFINITE = 5  # consecutive non-finite losses before the run is stopped
 CSV_KEYS = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "train/kd_loss",
             "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
             "val/box_loss", "val/obj_loss", "val/cls_loss", "x/lr0", "x/lr1", "x/lr2"]
-
-
-class StudentWithImitation(nn.Module):
-    """The trainable part of a step: the student and, when distilling, its adapters.
-
-    One module so that DDP wraps (and synchronises) the adapters together with the student; checkpoints
-    still store the two apart, so the student's state_dict keys are exactly those of a plain run.
-    """
-
-    def __init__(self, model: DetectionModel, imitation: FeatureImitation | None = None, target: str = "neck"):
-        super().__init__()
-        self.model = model
-        self.imitation = imitation
-        self.target = target  # 'neck': the maps Detect consumes; 'head': the raw Detect maps
-
-    def forward(self, imgs, targets=None, teacher_feats=None, iteration=0):
-        if self.imitation is None:
-            return self.model(imgs), None, {}
-        pred, feats = self.model(imgs, return_features=True)
-        student_feats = [head_as_image(p) for p in pred] if self.target == "head" else feats
-        detect, strides = self.model.model[-1], self.model.stride.tolist()  # model.stride lives on the CPU: no sync
-        anchors_px = [detect.anchors[i] * s for i, s in enumerate(strides)]
-        kd_loss, stats = self.imitation(student_feats, teacher_feats, targets, anchors_px, strides, iteration)
-        return pred, kd_loss, stats
 
 
 class EarlyStopping:
@@ -91,111 +68,35 @@ class EarlyStopping:
         return stop
 
 
-def file_sha256(path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class NonFiniteGuard:
+    """Skips steps whose loss is not finite (all ranks agree) and stops the run after `limit` in a row."""
 
+    def __init__(self, limit=MAX_NONFINITE):
+        self.limit, self.count = limit, 0
 
-def load_teacher(opt, student: DetectionModel, device) -> tuple[nn.Module, list[int]]:
-    """Load the frozen teacher and pick its levels whose strides match the student's (P6 teachers have one more)."""
-    teacher = load_model(opt.teacher, device=device, fuse=True)  # BN folded into the convs: same maps, fewer ops
-    teacher.eval().requires_grad_(False)
-    if device.type == "cuda":
-        teacher.half()
-    t_det, s_det = teacher.model[-1], student.model[-1]
-    t_strides, s_strides = [int(s) for s in t_det.stride.tolist()], [int(s) for s in s_det.stride.tolist()]
-    missing = [s for s in s_strides if s not in t_strides]
-    if missing:
-        raise ValueError(f"teacher {opt.teacher} has strides {t_strides}; the student needs {s_strides} "
-                         f"(missing {missing}): pick a teacher with the student's levels")
-    levels = [t_strides.index(s) for s in s_strides]
-    same_anchors = all(t_det.anchors[j].shape == s_det.anchors[i].shape and
-                       torch.allclose(t_det.anchors[j] * t_strides[j], s_det.anchors[i].to(device) * s_strides[i])
-                       for i, j in enumerate(levels))
-    head_ok = t_det.nc == s_det.nc and same_anchors
-    if opt.distill_target == "auto":  # resolved once: checkpoints (opt, distill record) and --resume keep it
-        opt.distill_target = "head" if head_ok else "neck"
-        LOGGER.info(f"--distill-target auto: {opt.distill_target} (teacher nc={t_det.nc}, student nc={s_det.nc}, "
-                    f"anchors equal: {same_anchors})")
-    if opt.distill_target == "head" and not head_ok:
-        raise ValueError(f"--distill-target head needs the teacher's nc and anchors to equal the student's "
-                         f"(teacher nc={t_det.nc}, student nc={s_det.nc}, anchors equal: {same_anchors}); "
-                         f"use --distill-target neck")
-    LOGGER.info(f"{colorstr('teacher:')} {opt.teacher}, imitating levels {levels} (strides {s_strides}), "
-                f"target {opt.distill_target}")
-    teacher.info(imgsz=opt.imgsz)
-    return teacher, levels
+    @property
+    def stopped(self) -> bool:
+        return self.count >= self.limit
 
+    def skip(self, loss, epoch, i) -> bool:
+        """True when this batch's step is to be skipped (its loss is not finite on some rank)."""
+        finite = torch.isfinite(loss).all().float()
+        if RANK != -1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() >= 1:
+            self.count = 0
+            return False
+        self.count += 1
+        LOGGER.warning(f"WARNING non-finite loss at epoch {epoch} batch {i} ({self.count} in a row): step skipped")
+        if self.stopped:
+            LOGGER.error(f"ERROR {self.count} non-finite losses in a row: stopping the run. Try a lower "
+                         f"--hyp lr0, --distill-weight, or check the data.")
+        return True
 
-def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: list[int],
-                    anchor_t: float) -> nn.Module:
-    """The imitation term (adapters or other trainable parts + settings) the --distill-* flags describe, for
-    this student and teacher; weighted 0 while an 'auto' weight is being set (AutoWeight)."""
-    s_det, t_det = student.model[-1], teacher.model[-1]
-    if opt.distill_target == "head":  # raw maps of equal shape: no adapter
-        student_ch = teacher_ch = [m.out_channels for m in s_det.m]
-    else:
-        student_ch = [m.in_channels for m in s_det.m]
-        teacher_ch = [t_det.m[j].in_channels for j in levels]
-    weight = getattr(opt, WEIGHT_FLAGS[opt.distill_method])
-    weight = 0.0 if weight == AUTO else weight
-    adapter = "none" if opt.distill_target == "head" else opt.distill_adapter
-    if opt.distill_method != "fgfi":
-        return build_method(opt.distill_method, student_ch, teacher_ch, adapter=adapter, weight=weight,
-                            warmup=opt.distill_warmup or 0, cwd_tau=opt.cwd_tau, mgd_ratio=opt.mgd_ratio)
-    return FeatureImitation(student_ch, teacher_ch, kind=opt.distill_mask, thresh=opt.distill_thresh,
-                            weight=weight, warmup=opt.distill_warmup or 0,  # set once nb is known
-                            adapter=adapter,
-                            anchor_t=anchor_t if opt.distill_assign else None,
-                            normalize=None if opt.distill_norm == "none" else opt.distill_norm)
-
-
-DISTILL_WARMUP = 100  # default imitation warm-up (iterations): the trainer's minimum LR warm-up
-
-
-def distill_warmup(warmup: int | None, nb: int, epochs: int) -> int:
-    """The imitation warm-up for a run of nb batches x epochs: --distill-warmup as given (with a warning
-    when the term would never start), or by default DISTILL_WARMUP capped to half the run."""
-    total = nb * epochs
-    if warmup is None:
-        warmup = min(DISTILL_WARMUP, total // 2)
-        if warmup < DISTILL_WARMUP:
-            LOGGER.warning(f"WARNING ⚠️ distill: warm-up shortened to {warmup} iterations, half of this run's "
-                           f"{total} ({nb} batches x {epochs} epochs); the default {DISTILL_WARMUP} needs a run of "
-                           f"at least {2 * DISTILL_WARMUP} iterations")
-    elif warmup >= total:
-        LOGGER.warning(f"WARNING ⚠️ distill: --distill-warmup {warmup} >= this run's {total} iterations ({nb} "
-                       f"batches x {epochs} epochs): the imitation term stays 0 for the whole run, which trains as a "
-                       f"baseline with the teacher loaded; pass a smaller --distill-warmup or more epochs")
-    return warmup
-
-
-def head_as_image(p: torch.Tensor) -> torch.Tensor:
-    """Raw Detect map [bs, na, ny, nx, no] -> [bs, na*no, ny, nx], so head imitation uses the neck code."""
-    return p.permute(0, 1, 4, 2, 3).flatten(1, 2)
-
-
-@torch.no_grad()
-def teacher_features(teacher, imgs, levels, target: str) -> list[torch.Tensor]:
-    """The teacher's maps at the imitated levels, from one forward pass: neck features or raw head maps."""
-    x = imgs.half() if next(teacher.parameters()).dtype == torch.float16 else imgs
-    if target == "head":
-        maps = [head_as_image(p) for p in teacher(x)[1]]  # eval mode: (decoded, raw)
-    else:
-        maps = teacher.features(x)  # the neck only: Detect is skipped
-    return [maps[j].float() for j in levels]
-
-
-def check_image_size_vs_teacher(teacher, imgsz):
-    gs_t = int(teacher.stride.max())
-    if imgsz % gs_t:
-        raise ValueError(f"--imgsz {imgsz} is not a multiple of the teacher's max stride {gs_t}")
+    def raise_if_stopped(self):
+        if self.stopped:
+            raise UserError(f"training stopped after {self.count} non-finite losses in a row (see warnings above); "
+                            f"no checkpoint was written from the diverged weights")
 
 
 def train(hyp: dict, opt, device) -> tuple:
@@ -348,7 +249,7 @@ def train(hyp: dict, opt, device) -> tuple:
     amp = cuda
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper, stop = EarlyStopping(patience=opt.patience), False
-    nonfinite = 0
+    nonfinite = NonFiniteGuard()
     params = [p for p in step_module.parameters() if p.requires_grad]
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
                 f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs...")
@@ -401,22 +302,11 @@ def train(hyp: dict, opt, device) -> tuple:
                 if RANK != -1:
                     loss *= WORLD_SIZE  # DDP averages gradients across ranks
 
-            # Non-finite guard: skip the step (all ranks agree), stop after a few in a row
-            finite = torch.isfinite(loss).all().float()
-            if RANK != -1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
-                nonfinite += 1
-                LOGGER.warning(f"WARNING non-finite loss at epoch {epoch} batch {i} ({nonfinite} in a row): "
-                               f"step skipped")
+            if nonfinite.skip(loss, epoch, i):
                 optimizer.zero_grad()
-                if nonfinite >= MAX_NONFINITE:
-                    stop = True
-                    LOGGER.error(f"ERROR {nonfinite} non-finite losses in a row: stopping the run. Try a lower "
-                                 f"--hyp lr0, --distill-weight, or check the data.")
+                if nonfinite.stopped:
                     break
                 continue
-            nonfinite = 0
             if auto_weight is not None and kd_stats.get("active"):
                 lam = auto_weight.observe(loss_items, kd_stats["raw"])
                 if lam is not None:  # set once; the checkpoints' opt records it, so --resume keeps it
@@ -458,7 +348,7 @@ def train(hyp: dict, opt, device) -> tuple:
                             tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", cover[k], ni)
                         if kd_stats["active"]:
                             tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
-        if stop and nonfinite:
+        if nonfinite.stopped:
             break
 
         lr = [x["lr"] for x in optimizer.param_groups]
@@ -528,20 +418,9 @@ def train(hyp: dict, opt, device) -> tuple:
         if tb is not None:
             tb.close()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
-    if nonfinite >= MAX_NONFINITE:
-        raise UserError(f"training stopped after {nonfinite} non-finite losses in a row (see warnings above); "
-                        f"no checkpoint was written from the diverged weights")
+    nonfinite.raise_if_stopped()
     return results
 
-
-def distill_record(opt) -> dict:
-    """What a distilled checkpoint records about how it was distilled."""
-    return {"teacher": str(opt.teacher), "teacher_sha256": file_sha256(opt.teacher), "target": opt.distill_target,
-            "mask": opt.distill_mask, "thresh": opt.distill_thresh, "weight": opt.distill_weight,
-            "warmup": opt.distill_warmup, "adapter": opt.distill_adapter, "assign": bool(opt.distill_assign),
-            "normalize": opt.distill_norm, "previous_teachers": getattr(opt, "previous_teachers", []),
-            "method": opt.distill_method, "cwd_tau": opt.cwd_tau, "cwd_weight": opt.cwd_weight,
-            "mgd_ratio": opt.mgd_ratio, "mgd_alpha": opt.mgd_alpha}
 
 
 def parse_opt(known: bool = False, argv=None):

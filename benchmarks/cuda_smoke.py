@@ -37,6 +37,7 @@ from benchmarks.mask_speed import TOL, random_targets  # noqa: E402
 from benchmarks.speed import quiet_log, step_setup  # noqa: E402
 from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
+from utils import distill_setup  # noqa: E402
 from utils.distill import imitation_masks  # noqa: E402
 
 
@@ -92,8 +93,8 @@ def step_checks(dev, imgsz, batch, repeats):
     tmp = Path(tempfile.mkdtemp(prefix="cuda_smoke_"))
     imgs, targets, student, compute_loss, variant, teacher_pt = step_setup(data, imgsz, batch, tmp, dev)
     opt, teacher, levels, imitation = variant()
-    module = train_distill.StudentWithImitation(student, imitation, opt.distill_target)
-    plain = train_distill.StudentWithImitation(student, None)
+    module = distill_setup.StudentWithImitation(student, imitation, opt.distill_target)
+    plain = distill_setup.StudentWithImitation(student, None)
     amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     seen = {}
@@ -103,7 +104,7 @@ def step_checks(dev, imgsz, batch, repeats):
         imitation.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev.type, enabled=amp):
             if distil:
-                t_feats = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+                t_feats = distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target)
                 pred, kd, _ = module(imgs, targets, t_feats, 0)
             else:
                 pred, kd, _ = plain(imgs, targets)
@@ -115,7 +116,7 @@ def step_checks(dev, imgsz, batch, repeats):
 
     def teacher_only():
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=amp):
-            train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+            distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target)
 
     t = {"a": timed_ms(lambda: step(False), dev, repeats), "b": timed_ms(lambda: step(True), dev, repeats),
          "c": timed_ms(teacher_only, dev, repeats)}

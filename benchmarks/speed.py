@@ -52,6 +52,7 @@ from models.yolo import DetectionModel  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.distill import mask_coverage  # noqa: E402
+from utils import distill_setup  # noqa: E402
 from utils.files import find_file, yaml_load  # noqa: E402
 from utils.logging import LOGGER  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
@@ -128,8 +129,8 @@ def step_setup(data, imgsz, batch, tmp, device=torch.device("cpu")):
     def variant(*flags):
         opt = train_distill.parse_opt(argv=["--teacher", str(teacher_pt), "--imgsz", str(imgsz),
                                             "--distill-warmup", "0", *flags])
-        teacher, levels = train_distill.load_teacher(opt, student, device)
-        imitation = train_distill.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"])
+        teacher, levels = distill_setup.load_teacher(opt, student, device)
+        imitation = distill_setup.build_imitation(opt, student, teacher, levels, raw_hyp["anchor_t"])
         return opt, teacher, levels, imitation.to(device)
 
     return imgs, targets, student, ComputeLoss(student), variant, teacher_pt
@@ -140,15 +141,15 @@ def step_rows(data, imgsz, batch, repeats, tmp):
     builds them, and the mask coverage (% of cells per level) of the benchmark batch."""
     imgs, targets, student, compute_loss, variant, _ = step_setup(data, imgsz, batch, tmp)
     s_det = student.model[-1]
-    plain = train_distill.StudentWithImitation(student, None)
+    plain = distill_setup.StudentWithImitation(student, None)
 
     def distilled_step(opt, teacher, levels, imitation, fixed_teacher_maps=None):
-        module = train_distill.StudentWithImitation(student, imitation, opt.distill_target)
+        module = distill_setup.StudentWithImitation(student, imitation, opt.distill_target)
 
         def step():
             student.zero_grad(set_to_none=True)
             imitation.zero_grad(set_to_none=True)
-            t_feats = fixed_teacher_maps or train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+            t_feats = fixed_teacher_maps or distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target)
             pred, kd_loss, stats = module(imgs, targets, t_feats, 0)
             assert stats["active"], "the imitation term is still in warm-up"
             (compute_loss(pred, targets)[0] + kd_loss.float() * imgs.shape[0]).backward()
@@ -161,7 +162,7 @@ def step_rows(data, imgsz, batch, repeats, tmp):
 
     default = variant()  # neck imitation through 1x1 adapters
     opt, teacher, levels, imitation = default
-    t_fixed = train_distill.teacher_features(teacher, imgs, levels, opt.distill_target)
+    t_fixed = distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target)
     with torch.no_grad():
         _, s_fixed = student(imgs, return_features=True)
     s_leaf = [f.detach().requires_grad_() for f in s_fixed]
@@ -175,7 +176,7 @@ def step_rows(data, imgsz, batch, repeats, tmp):
 
     fns = {"a": step_a,
            "b": distilled_step(*default),
-           "c": lambda: train_distill.teacher_features(teacher, imgs, levels, opt.distill_target),
+           "c": lambda: distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target),
            "d": distilled_step(*variant("--distill-adapter", "3x3")),
            "e": distilled_step(*variant("--distill-target", "head")),
            "f": distilled_step(*default, fixed_teacher_maps=t_fixed),

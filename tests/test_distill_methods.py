@@ -15,6 +15,7 @@ import train_distill
 from models.checkpoint import load_checkpoint
 from tests.conftest import killed_after_first_epoch, read_csv, resume_recording_loaded_state
 from tests.test_train_distill import kd_run, make_teacher
+from utils import distill_setup
 from utils.distill import build_adapters, imitation_loss, standardize_channels
 from utils.distill_methods import (AutoWeight, ChannelWiseDistillation, MaskedGenerativeDistillation, build_method,
                                    weight_arg)
@@ -312,8 +313,8 @@ def test_method_flags_reach_the_terms(tmp_path):
             (["--distill-method", "mgd", "--distill-target", "head"],
              lambda m: all(isinstance(a, nn.Identity) for a in m.align) and m.weight == 2e-5)):
         opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64", *argv])
-        teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
-        assert check(train_distill.build_imitation(opt, student, teacher, levels, 4.0)), argv
+        teacher, levels = distill_setup.load_teacher(opt, student, torch.device("cpu"))
+        assert check(distill_setup.build_imitation(opt, student, teacher, levels, 4.0)), argv
     with pytest.raises(SystemExit):
         train_distill.parse_opt(argv=["--distill-method", "kd"])
 

@@ -11,6 +11,7 @@ import train_distill
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models.yolo import DetectionModel
 from tests.conftest import killed_after_first_epoch, read_csv, resume_recording_loaded_state, tiny_cfg_dict
+from utils import distill_setup
 from utils.distill import FeatureImitation
 
 pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
@@ -101,13 +102,13 @@ def test_teacher_is_frozen_fused_and_gives_the_same_maps(tmp_path):
     path = make_teacher(tmp_path / "t.pt")
     student = DetectionModel(tiny_cfg_dict("yolov5n.yaml", width=0.25, nc=6))
     opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64"])
-    teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
+    teacher, levels = distill_setup.load_teacher(opt, student, torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     unfused = load_model(path)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        got = train_distill.teacher_features(teacher, x, levels, "neck")
+        got = distill_setup.teacher_features(teacher, x, levels, "neck")
         want = unfused(x, return_features=True)[1]
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, want))
 
@@ -120,10 +121,10 @@ def test_fp16_teacher_takes_float_images_and_gives_float32_maps(tmp_path, target
     path = make_teacher(tmp_path / "t.pt")
     student = DetectionModel(tiny_cfg_dict("yolov5n.yaml", width=0.25, nc=6))
     opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64"])
-    teacher, levels = train_distill.load_teacher(opt, student, torch.device("cpu"))
+    teacher, levels = distill_setup.load_teacher(opt, student, torch.device("cpu"))
     x = torch.rand(2, 3, 64, 64)
-    want = train_distill.teacher_features(teacher, x, levels, target)
-    got = train_distill.teacher_features(teacher.half(), x, levels, target)
+    want = distill_setup.teacher_features(teacher, x, levels, target)
+    got = distill_setup.teacher_features(teacher.half(), x, levels, target)
     assert next(teacher.parameters()).dtype == torch.float16
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape
