@@ -257,7 +257,7 @@ def run(
     save_img = not nosave
     backend = Backend(weights, device, data=data, half=half)
     stride, names = backend.stride, backend.names
-    imgsz = check_img_size(list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz], stride)
+    imgsz = check_img_size(imgsz, stride, as_hw=True)
     if backend.fixed_hw and tuple(backend.fixed_hw) != imgsz:
         LOGGER.warning(f"WARNING ⚠️ {weights} takes a fixed {list(backend.fixed_hw)} input; "
                        f"--imgsz {list(imgsz)} ignored")

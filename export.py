@@ -159,7 +159,7 @@ def run(
 
     model = load_model(str(weights), device=device, fuse=True)
     stride, names = int(max(model.stride)), list(model.names)
-    imgsz = check_img_size(list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz], stride)
+    imgsz = check_img_size(imgsz, stride, as_hw=True)
     for p in model.parameters():
         p.requires_grad = False
     im = torch.rand(batch_size, 3, *imgsz, generator=torch.Generator().manual_seed(0)).to(device)

@@ -15,12 +15,15 @@ from utils.logging import LOGGER
 PAD_COLOR = (114, 114, 114)
 
 
-def check_img_size(imgsz, stride: int):
+def check_img_size(imgsz, stride: int, as_hw: bool = False):
     """--imgsz rounded up to a multiple of the model's largest stride (at least one stride), with a warning
-    when it changes. An int gives an int; a list or tuple gives (h, w), one value meaning a square."""
+    when it changes. An int gives an int; a list or tuple, or any value with as_hw, gives (h, w), one value
+    meaning a square."""
     def up(x):
         return max(math.ceil(int(x) / stride) * stride, stride)
 
+    if as_hw and not isinstance(imgsz, (list, tuple)):
+        imgsz = [imgsz]
     if isinstance(imgsz, (list, tuple)):
         hw = [int(x) for x in imgsz]
         hw = (hw * 2)[:2] if len(hw) == 1 else hw[:2]
