@@ -10,7 +10,9 @@ Ablations (--ablations) vary one distillation setting at a time around the defau
     python benchmarks/distill_gain.py --jobs 2             # two student runs at a time, one thread each
     python benchmarks/distill_gain.py --ablation-names target=head adapter=3x3   # chosen ablations only
     python benchmarks/distill_gain.py --methods fgfi,cwd,mgd   # one row per distillation method
-Results: runs/benchmarks/distill_gain/{results.csv,summary.md}. Runs already finished are reused.
+    python benchmarks/distill_gain.py --recipe standard --methods fgfi,cwd,mgd --jobs 2   # SGD, 40-epoch students
+Results: runs/benchmarks/distill_gain/{results.csv,summary.md} (standard recipe: runs/benchmarks/standard/).
+Runs already finished are reused, so a long matrix can be run in parts (stop it, start it again later).
 """
 import argparse
 import csv
@@ -48,6 +50,14 @@ ABLATIONS = {
     "lambda=x10": None,
 }
 
+# Settings of each recipe; every flag of the same name overrides one of them.
+RECIPES = {
+    "short": dict(imgsz=128, teacher_epochs=15, epochs=10, optimizer="Adam", hyp="hyp.shapes.yaml", batch_size=16,
+                  nbs=16, out=str(ROOT / "runs/benchmarks/distill_gain")),
+    "standard": dict(imgsz=160, teacher_epochs=80, epochs=40, optimizer="SGD", hyp="hyp.scratch-low.yaml",
+                     batch_size=32, nbs=64, out=str(ROOT / "runs/benchmarks/standard")),
+}
+
 
 def train(name, args, common, out, threads=None):
     """Train one configuration unless it already finished (all its epochs in results.csv); return (best.pt, seconds).
@@ -82,16 +92,20 @@ def evaluate(weights, data, imgsz):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="short",
+                    help="short: Adam, hyp.shapes.yaml, 10-epoch students at 128 px (as demo.sh); standard: "
+                         "YOLOv5's SGD recipe (hyp.scratch-low, nbs 64, batch 32, 160 px), 80-epoch teacher, "
+                         "40-epoch students. The flags below override single settings")
     ap.add_argument("--data", default="shapes.yaml")
-    ap.add_argument("--imgsz", type=int, default=128)
+    ap.add_argument("--imgsz", type=int, default=None)
     ap.add_argument("--teacher-cfg", default="yolov5s.yaml")
     ap.add_argument("--student-cfg", default="yolov5n.yaml")
-    ap.add_argument("--teacher-epochs", type=int, default=15)
-    ap.add_argument("--epochs", type=int, default=10, help="student epochs (baseline and distilled alike)")
-    ap.add_argument("--optimizer", default="Adam", help="every run's optimiser (as demo.sh)")
-    ap.add_argument("--hyp", default="hyp.shapes.yaml", help="every run's hyperparameters (as demo.sh)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--nbs", type=int, default=16)
+    ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="student epochs (baseline and distilled alike)")
+    ap.add_argument("--optimizer", default=None, help="every run's optimiser")
+    ap.add_argument("--hyp", default=None, help="every run's hyperparameters")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--nbs", type=int, default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--ablations", action="store_true", help="also run the one-at-a-time ablations")
     ap.add_argument("--ablation-names", nargs="+", default=None, metavar="NAME",
@@ -102,10 +116,14 @@ def main():
                                                       "(fgfi's row is 'distilled')")
     ap.add_argument("--jobs", type=int, default=1, help="student runs trained side by side (threads split evenly)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
-    ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/distill_gain"))
+    ap.add_argument("--out", default=None, help="run folder (default runs/benchmarks/distill_gain for the short "
+                                                "recipe, runs/benchmarks/standard for the standard one)")
     ap.add_argument("--results", default=None, metavar="NAME",
                     help="also write benchmarks/results/NAME.csv and NAME.md (with the commit, command and machine)")
     opt = ap.parse_args()
+    for k, v in RECIPES[opt.recipe].items():  # recipe values for the settings not given on the command line
+        if getattr(opt, k) is None:
+            setattr(opt, k, v)
 
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +198,7 @@ def main():
         v = [(r["ratio_first"], r["ratio_last"]) for r in rows if r["config"] == cfg and r.get("ratio_first") != ""]
         return f"{statistics.mean(a for a, _ in v):.2f}x -> {statistics.mean(b for _, b in v):.2f}x" if v else ""
 
-    lines = [f"Shapes, imgsz {opt.imgsz}, teacher {opt.teacher_cfg} ({opt.teacher_epochs} epochs), students "
+    lines = [f"Recipe {opt.recipe}: shapes, imgsz {opt.imgsz}, teacher {opt.teacher_cfg} ({opt.teacher_epochs} epochs), students "
              f"{opt.student_cfg} ({opt.epochs} epochs, seeds {opt.seeds}), batch {opt.batch_size}, nbs {opt.nbs}, "
              f"{opt.optimizer}, {opt.hyp}, extra flags: {' '.join(opt.extra) or 'none'}; {opt.jobs} run(s) at a time; "
              f"machine: {platform.processor() or platform.machine()}, CPU only.",
