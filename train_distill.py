@@ -10,20 +10,19 @@ this is ordinary YOLOv5 training, so a baseline differs from its distilled twin 
     torchrun --nproc_per_node 2 train_distill.py --teacher runs/train/exp/weights/best.pt --batch-size 32
 """
 import argparse
-import csv
 import glob
 import math
 import os
-import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 import val as validate
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, strip_optimizer, \
@@ -33,17 +32,18 @@ from utils.augmentations import check_img_size
 from utils.autoanchor import check_anchors
 from utils.data_config import check_dataset
 from utils.dataloaders import create_dataloader
-from utils.distill import mask_coverage
 from utils.distill_methods import AUTO, METHODS, WEIGHT_FLAGS, AutoWeight, weight_arg
-from utils.distill_setup import DISTILL_WARMUP, StudentWithImitation, build_imitation, check_image_size_vs_teacher, \
-    distill_record, distill_warmup, file_sha256, load_teacher, teacher_features
+from utils.distill_setup import DISTILL_WARMUP, Distillation, StudentWithImitation, build_imitation, \
+    check_image_size_vs_teacher, distill_record, distill_warmup, file_sha256, load_teacher
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
 from utils.logging import LOGGER, UserError, cli_main, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.metrics import fitness
-from utils.plots import plot_distill_masks, plot_images, plot_labels, plot_results
+from utils.plots import plot_labels, plot_results
 from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, ModelEMA, de_parallel, init_seeds, select_device, \
     smart_optimizer, torch_distributed_zero_first, training_memory_format
+from utils.train_log import TrainLogger
+from val import Metrics
 
 MAX_NONFINITE = 5  # consecutive non-finite losses before the run is stopped
 CSV_KEYS = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "train/kd_loss",
@@ -99,327 +99,398 @@ class NonFiniteGuard:
                             f"no checkpoint was written from the diverged weights")
 
 
-def train(hyp: dict, opt, device) -> tuple:
-    save_dir = Path(opt.save_dir)
-    epochs, batch_size, weights, single_cls = opt.epochs, opt.batch_size, opt.weights, opt.single_cls
-    main_process = RANK in (-1, 0)
-    w = save_dir / "weights"
-    last, best = w / "last.pt", w / "best.pt"
-    given_hyp = dict(hyp)  # hyp.yaml records it as given: weight decay and loss gains are scaled below
-    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
-    plots = not opt.noplots
-    cuda = device.type == "cuda"
-    init_seeds(opt.seed + 1 + RANK)
+@dataclass
+class EpochStats:
+    losses: torch.Tensor  # mean box, obj, cls and kd loss (per image) over the epoch's batches
+    coverage: list  # mean sampled mask coverage (% of cells) per level; empty without a mask
 
+
+# ------------------------------------------------------------------------------------------------ set-up steps
+def load_data(opt) -> tuple[dict, int, list]:
+    """-> (the data set's dict, nc, class names); --single-cls makes one class."""
     with torch_distributed_zero_first(LOCAL_RANK):
         data_dict = check_dataset(opt.data)
-    train_path, val_path = data_dict["train"], data_dict["val"]
-    nc = 1 if single_cls else int(data_dict["nc"])
-    names = ["item"] if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+    nc = 1 if opt.single_cls else int(data_dict["nc"])
+    names = ["item"] if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+    return data_dict, nc, names
 
-    # Model: from --cfg, initialised from --weights where shapes match (or resumed exactly)
+
+def build_student(opt, hyp, nc, device) -> tuple[DetectionModel, dict | None]:
+    """The student from --cfg, initialised from --weights where shapes match (exactly, with --resume), in the
+    training memory layout, with the --freeze layers frozen; -> (model, the --weights checkpoint or None)."""
     ckpt = None
-    if weights:
-        ckpt = load_checkpoint(weights)
+    if opt.weights:
+        ckpt = load_checkpoint(opt.weights)
         cfg = opt.cfg or ckpt["yaml"]
         model = DetectionModel(find_file(cfg) if isinstance(cfg, str) else cfg, ch=3, nc=nc,
                                anchors=hyp.get("anchors")).to(device)
         exclude = ["anchors"] if (opt.cfg or hyp.get("anchors")) and not opt.resume else []
         src = ckpt["model"] if opt.resume else (ckpt.get("ema") or ckpt["model"])
-        transfer_weights(model, src, exclude=exclude, source=weights)
+        transfer_weights(model, src, exclude=exclude, source=opt.weights)
     else:
         model = DetectionModel(find_file(opt.cfg), ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
-    mem_format = training_memory_format(device)
-    model.to(memory_format=mem_format)  # the EMA copy inherits it; checkpoints store contiguous tensors
+    model.to(memory_format=training_memory_format(device))  # the EMA copy inherits it; checkpoints are contiguous
 
-    # Freeze: --freeze N freezes layers 0..N-1; --freeze a b c freezes those layers
+    # --freeze N freezes layers 0..N-1; --freeze a b c freezes those layers
     freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
     for k, v in model.named_parameters():
         v.requires_grad = not any(x in k for x in freeze)
         if not v.requires_grad:
             LOGGER.info(f"freezing {k}")
+    return model, ckpt
 
-    gs = max(int(model.stride.max()), 32)
-    imgsz = check_img_size(opt.imgsz, gs)
-    if RANK == -1 and batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size} must be positive")
 
-    # Teacher and imitation module (adapters are built before the optimiser so they train with the student)
-    teacher, imitation, teacher_levels, auto_weight = None, None, [], None
-    if opt.teacher:
-        teacher, teacher_levels = load_teacher(opt, model, device)
-        check_image_size_vs_teacher(teacher, imgsz)
-        imitation = build_imitation(opt, model, teacher, teacher_levels, hyp["anchor_t"]).to(device)
-        if ckpt is not None and opt.resume and ckpt.get("adapters"):
-            imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
-            LOGGER.info("resumed the distillation adapters from the checkpoint")
-        weight_flag = WEIGHT_FLAGS[opt.distill_method]
-        if getattr(opt, weight_flag) == AUTO:
-            auto_weight = AutoWeight(getattr(parse_opt(True, []), weight_flag), opt.distill_auto_ratio,
-                                     opt.distill_auto_iters)
+def setup_distillation(opt, model, ckpt, imgsz, anchor_t, device) -> Distillation:
+    """With --teacher: the frozen teacher and the imitation term (built before the optimiser, so that its
+    adapters train with the student; resumed from the checkpoint). Without: an empty Distillation."""
+    if not opt.teacher:
+        return Distillation()
+    teacher, levels = load_teacher(opt, model, device)
+    check_image_size_vs_teacher(teacher, imgsz)
+    imitation = build_imitation(opt, model, teacher, levels, anchor_t).to(device)
+    if ckpt is not None and opt.resume and ckpt.get("adapters"):
+        imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
+        LOGGER.info("resumed the distillation adapters from the checkpoint")
+    weight_flag = WEIGHT_FLAGS[opt.distill_method]
+    auto_weight = None
+    if getattr(opt, weight_flag) == AUTO:
+        auto_weight = AutoWeight(getattr(parse_opt(True, []), weight_flag), opt.distill_auto_ratio,
+                                 opt.distill_auto_iters)
+    return Distillation(teacher, levels, opt.distill_target, imitation, auto_weight, weight_flag, opt)
 
-    # Optimiser: three groups; weight decay scaled to the nominal batch size
-    nbs = opt.nbs  # nominal batch size: gradients are accumulated up to it
-    accumulate = max(round(nbs / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / nbs
+
+def accumulation(opt) -> int:
+    """Batches whose gradients add up to one optimiser step of the nominal batch size --nbs."""
+    return max(round(opt.nbs / opt.batch_size), 1)
+
+
+def training_hyp(hyp: dict, opt, nl: int, nc: int, imgsz: int) -> dict:
+    """The hyperparameters the run trains with, as a new dict (`hyp` stays as given, for hyp.yaml): weight decay
+    scaled to the nominal batch size, loss gains to the levels, classes and image size, --label-smoothing."""
+    h = dict(hyp)
+    h["weight_decay"] = hyp["weight_decay"] * (opt.batch_size * accumulation(opt) / opt.nbs)
+    h = scale_loss_gains(h, nl=nl, nc=nc, imgsz=imgsz)
+    h["label_smoothing"] = opt.label_smoothing
+    return h
+
+
+def build_optimizer(opt, model, imitation, hyp):
+    """Three parameter groups (the adapters join them); LR factor lf(epoch) linear, or one-cycle cosine with
+    --cos-lr, from 1 to lrf; -> (optimizer, scheduler, lf)."""
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
                                 extra_modules=[imitation] if imitation is not None else [])
-    if opt.cos_lr:  # one-cycle cosine from 1 to lrf
-        lf = lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (hyp["lrf"] - 1) + 1  # noqa: E731
+    epochs, lrf = opt.epochs, hyp["lrf"]
+    if opt.cos_lr:
+        lf = lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (lrf - 1) + 1  # noqa: E731
     else:
-        lf = lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = ModelEMA(model) if main_process else None
+        lf = lambda x: (1 - x / epochs) * (1.0 - lrf) + lrf  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf), lf
 
-    start_epoch, best_fitness = 0, 0.0
-    if ckpt is not None and opt.resume:
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        best_fitness = ckpt.get("best_fitness") or 0.0
-        if ema and ckpt.get("ema"):
-            ema.ema.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
-            ema.updates = int(ckpt.get("updates", 0))
-        start_epoch = int(ckpt["epoch"]) + 1
-        if start_epoch >= epochs:
-            raise ValueError(f"{weights} already finished {epochs} epochs; nothing to resume")
-        LOGGER.info(f"Resuming training from {weights} at epoch {start_epoch} of {epochs}")
-    del ckpt
 
-    if opt.sync_bn and RANK != -1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-        LOGGER.info("using SyncBatchNorm()")
+def resume_state(opt, ckpt, optimizer, ema) -> tuple[int, float]:
+    """With --resume, the optimiser, EMA and best fitness from the checkpoint; -> (first epoch, best fitness)."""
+    if ckpt is None or not opt.resume:
+        return 0, 0.0
+    if ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ema and ckpt.get("ema"):
+        ema.ema.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
+        ema.updates = int(ckpt.get("updates", 0))
+    start_epoch = int(ckpt["epoch"]) + 1
+    if start_epoch >= opt.epochs:
+        raise ValueError(f"{opt.weights} already finished {opt.epochs} epochs; nothing to resume")
+    LOGGER.info(f"Resuming training from {opt.weights} at epoch {start_epoch} of {opt.epochs}")
+    return start_epoch, ckpt.get("best_fitness") or 0.0
 
-    # Data
-    train_loader, dataset = create_dataloader(train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls,
-                                              hyp=hyp, augment=True, cache=opt.cache, rect=opt.rect, rank=LOCAL_RANK,
-                                              workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
-                                              prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc)
+
+def val_batch_size(opt) -> int:
+    return max(opt.batch_size // WORLD_SIZE * 2, 1)
+
+
+def build_loaders(opt, data_dict, hyp, imgsz, gs, nc, main_process):
+    """-> (train loader, its dataset, all its labels [n, 5], the val loader on the main process or None)."""
+    train_loader, dataset = create_dataloader(data_dict["train"], imgsz, opt.batch_size // WORLD_SIZE, gs,
+                                              opt.single_cls, hyp=hyp, augment=True, cache=opt.cache, rect=opt.rect,
+                                              rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights,
+                                              quad=opt.quad, prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
+                                              nc=nc)
     labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
-    nb = len(train_loader)
-    if imitation is not None:
-        imitation.warmup = opt.distill_warmup = distill_warmup(opt.distill_warmup, nb, epochs)
     val_loader = None
     if main_process:
-        val_loader = create_dataloader(val_path, imgsz, max(batch_size // WORLD_SIZE * 2, 1), gs, single_cls,
-                                       hyp=hyp, cache=None if opt.noval else opt.cache, rect=True, rank=-1,
+        val_loader = create_dataloader(data_dict["val"], imgsz, val_batch_size(opt), gs, opt.single_cls, hyp=hyp,
+                                       cache=None if opt.noval else opt.cache, rect=True, rank=-1,
                                        workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=nc)[0]
-        # the run folder is made only now that data, model, teacher and loaders have loaded: an ERROR
-        # before this point leaves nothing behind
-        w.mkdir(parents=True, exist_ok=True)
-        yaml_save(save_dir / "hyp.yaml", given_hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
-        if not opt.resume:
-            if not opt.noautoanchor:
-                if opt.teacher and opt.distill_target == "head":
-                    LOGGER.info(f"{colorstr('AutoAnchor:')} skipped: head imitation needs the teacher's anchors")
-                else:
-                    check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
-            if plots:
-                plot_labels(labels, names, save_dir)
-        model.half().float()  # pre-reduce anchor precision, as the saved fp16 checkpoints will hold them
+    return train_loader, dataset, labels, val_loader
 
-    # Loss gains scale with the number of levels, classes and image size
-    nl = model.model[-1].nl
-    hyp = scale_loss_gains(hyp, nl=nl, nc=nc, imgsz=imgsz)
-    hyp["label_smoothing"] = opt.label_smoothing
-    model.nc, model.hyp, model.names = nc, hyp, names
-    compute_loss = ComputeLoss(model)
 
+def prepare_run_dir(opt, save_dir, hyp, dataset, labels, model, names, imgsz):
+    """The run folder with hyp.yaml (as given) and opt.yaml, AutoAnchor and the labels plot for a new run. Made
+    only once data, model, teacher and loaders have loaded: an ERROR before this point leaves nothing behind."""
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    yaml_save(save_dir / "hyp.yaml", hyp)
+    yaml_save(save_dir / "opt.yaml", vars(opt))
+    if not opt.resume:
+        if not opt.noautoanchor:
+            if opt.teacher and opt.distill_target == "head":
+                LOGGER.info(f"{colorstr('AutoAnchor:')} skipped: head imitation needs the teacher's anchors")
+            else:
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+        if not opt.noplots:
+            plot_labels(labels, names, save_dir)
+    model.half().float()  # pre-reduce anchor precision, as the saved fp16 checkpoints will hold them
+
+
+def build_step_module(opt, model, imitation, device) -> nn.Module:
+    """What a step runs forward: the student with its imitation term, as one DDP module across ranks."""
     step_module = StudentWithImitation(model, imitation, opt.distill_target)
+    if RANK == -1:
+        return step_module
+    if opt.sync_bn:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the student's BN layers in place
+        LOGGER.info("using SyncBatchNorm()")
+    cuda = device.type == "cuda"
+    return nn.parallel.DistributedDataParallel(step_module, device_ids=[LOCAL_RANK] if cuda else None,
+                                               output_device=LOCAL_RANK if cuda else None)
+
+
+# ---------------------------------------------------------------------------------------------- training loop
+class Stepper:
+    """The optimiser side of a step: the warm-up ramp, gradients accumulated up to the nominal batch size, AMP
+    loss scaling, clipping, and the EMA update after each optimiser step."""
+
+    def __init__(self, opt, optimizer, lf, hyp, step_module, model, ema, nb, amp):
+        self.optimizer, self.lf, self.hyp, self.model, self.ema = optimizer, lf, hyp, model, ema
+        self.params = [p for p in step_module.parameters() if p.requires_grad]  # clipped together
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        self.nw = max(round(hyp["warmup_epochs"] * nb), 100)  # warm-up iterations
+        self.nominal = opt.nbs / opt.batch_size
+        self.accumulate, self.last_opt_step = accumulation(opt), -1
+
+    def warmup(self, ni, epoch):
+        """Over the first nw iterations: accumulate fewer batches, ramp the bias LR down from warmup_bias_lr,
+        the other groups' up from 0, and momentum up from warmup_momentum."""
+        if ni > self.nw:
+            return
+        xi = [0, self.nw]
+        self.accumulate = max(1, int(np.interp(ni, xi, [1, self.nominal]).round()))
+        for j, x in enumerate(self.optimizer.param_groups):
+            # plain floats: numpy scalars would make the optimizer state unloadable with weights_only
+            x["lr"] = float(np.interp(ni, xi, [self.hyp["warmup_bias_lr"] if j == 0 else 0.0,
+                                               x["initial_lr"] * self.lf(epoch)]))
+            if "momentum" in x:
+                x["momentum"] = float(np.interp(ni, xi, [self.hyp["warmup_momentum"], self.hyp["momentum"]]))
+
+    def backward(self, loss, ni):
+        """Backpropagate; step the optimiser once `accumulate` iterations have passed since its last step."""
+        self.scaler.scale(loss).backward()
+        if ni - self.last_opt_step < self.accumulate:
+            return
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+        self.last_opt_step = ni
+
+
+def random_rescale(imgs, imgsz, gs):
+    """--multi-scale: the batch resized to a random multiple of gs between 0.5x and 1.5x imgsz."""
+    sz = int(np.random.uniform(imgsz * 0.5, imgsz * 1.5 + gs)) // gs * gs
+    sf = sz / max(imgs.shape[2:])
+    if sf == 1:
+        return imgs
+    ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+    return nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+
+
+def set_epoch_data(loader, dataset, epoch, opt):
+    """--close-mosaic turns mosaic off for the last epochs; under DDP each epoch reshuffles the shards."""
+    if opt.close_mosaic and epoch == opt.epochs - opt.close_mosaic and dataset.mosaic:
+        LOGGER.info("closing mosaic for the last epochs")
+        dataset.mosaic = False  # workers are not persistent: the next epoch's workers see the change
     if RANK != -1:
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[LOCAL_RANK] if cuda else None,
-                                                          output_device=LOCAL_RANK if cuda else None)
+        loader.sampler.set_epoch(epoch)
 
-    # Logging
-    tb = None
+
+def train_one_epoch(step_module, compute_loss, distill, stepper, loader, epoch, device, nonfinite, log=None,
+                    rescale=None) -> EpochStats:
+    """One pass over the training set; stops at the batch where `nonfinite` stops the run."""
+    step_module.train()
+    nb, mem_format, amp = len(loader), training_memory_format(device), device.type == "cuda"
+    mloss = torch.zeros(4, device=device)  # running means of the box, obj, cls and kd losses
+    LOGGER.info(("\n" + "%11s" * 8) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "kd_loss",
+                                       "Instances", "Size"))
+    batches = enumerate(loader) if log is None else log.progress(enumerate(loader), nb)
+    stepper.optimizer.zero_grad()
+    for i, (imgs, targets, paths, _) in batches:
+        ni = i + nb * epoch  # iterations since the start of training
+        imgs = imgs.to(device, non_blocking=True, memory_format=mem_format).float() / 255
+        targets = targets.to(device)
+        stepper.warmup(ni, epoch)
+        if rescale is not None:
+            imgs = rescale(imgs)
+
+        # Loss: detection, plus the imitation term when distilling
+        with torch.autocast(device_type=device.type, enabled=amp):
+            pred, kd_loss, kd_stats = step_module(imgs, targets, distill.teacher_maps(imgs), ni)
+            loss, loss_items = compute_loss(pred, targets)
+            if kd_loss is not None:
+                loss = loss + kd_loss.float() * imgs.shape[0]  # same batch-size convention as the detection loss
+            if RANK != -1:
+                loss *= WORLD_SIZE  # DDP averages gradients across ranks
+
+        # Step, unless the loss is not finite on some rank
+        if nonfinite.skip(loss, epoch, i):
+            stepper.optimizer.zero_grad()
+            if nonfinite.stopped:
+                break
+            continue
+        distill.observe(loss_items, kd_stats)
+        stepper.backward(loss, ni)
+
+        kd_item = kd_loss.detach().float().reshape(1) if kd_loss is not None else torch.zeros(1, device=device)
+        mloss = (mloss * i + torch.cat((loss_items, kd_item))) / (i + 1)
+        if log is not None:
+            log.batch(epoch, i, ni, imgs, targets, paths, mloss, kd_stats)
+    return EpochStats(mloss, log.epoch_coverage() if log is not None else [])
+
+
+# ------------------------------------------------------------------------------------------ epoch end, finish
+def ema_is_finite(ema) -> bool:
+    return all(torch.isfinite(v).all() for v in ema.ema.state_dict().values() if v.dtype.is_floating_point)
+
+
+def checkpoint_record(model, ema, optimizer, epoch, best_fitness, opt, hyp, distill) -> dict:
+    """What last.pt / best.pt hold; the distill record and adapters are None for plain training."""
+    imitation = distill.imitation
+    return dict(model=de_parallel(model), ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
+                best_fitness=best_fitness, opt=vars(opt), hyp=hyp,
+                distill=distill_record(opt) if imitation is not None else None,
+                adapters=imitation.state_dict() if imitation is not None else None)
+
+
+def save_checkpoints(weights_dir, record, epoch, best: bool, period: int):
+    """last.pt every time; best.pt when this epoch is the best so far; epoch{N}.pt every --save-period epochs."""
+    save_checkpoint(weights_dir / "last.pt", **record)
+    if best:
+        save_checkpoint(weights_dir / "best.pt", **record)
+    if period > 0 and epoch % period == 0:
+        save_checkpoint(weights_dir / f"epoch{epoch}.pt", **record)
+
+
+def all_ranks_stop(stop: bool, device) -> bool:
+    """Rank 0's decision to stop, on every rank, so that all leave the loop together."""
+    if RANK == -1:
+        return stop
+    flag = torch.tensor([float(stop)], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def finish(save_dir, val, device, plots, metrics) -> Metrics:
+    """Drop the optimiser state from the checkpoints, validate best.pt once more with plots, plot results.csv;
+    -> best.pt's metrics (`metrics` when there is no best.pt)."""
+    for f in save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt":
+        if f.exists():
+            strip_optimizer(f)
+    best = save_dir / "weights" / "best.pt"
+    if best.exists():
+        LOGGER.info(f"\nValidating {best}...")
+        metrics = val(model=load_model(best, device=device), plots=plots, verbose=True, compute_loss=None).metrics
+    if plots and (save_dir / "results.csv").exists():
+        plot_results(save_dir / "results.csv")
+    return metrics
+
+
+def train(hyp: dict, opt, device) -> Metrics:
+    """Train the student (distilling the teacher into it with --teacher); -> val.Metrics of the final weights."""
+    save_dir, epochs, plots, amp = Path(opt.save_dir), opt.epochs, not opt.noplots, device.type == "cuda"
+    main_process = RANK in (-1, 0)
+    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+    init_seeds(opt.seed + 1 + RANK)
+
+    # Set-up, in an order that fixes the random state: student, teacher and adapters, optimiser, loaders
+    data_dict, nc, names = load_data(opt)
+    model, ckpt = build_student(opt, hyp, nc, device)
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs)
+    if RANK == -1 and opt.batch_size < 1:
+        raise ValueError(f"--batch-size {opt.batch_size} must be positive")
+    distill = setup_distillation(opt, model, ckpt, imgsz, hyp["anchor_t"], device)
+    train_hyp = training_hyp(hyp, opt, nl=model.model[-1].nl, nc=nc, imgsz=imgsz)
+    optimizer, scheduler, lf = build_optimizer(opt, model, distill.imitation, train_hyp)
+    ema = ModelEMA(model) if main_process else None
+    start_epoch, best_fitness = resume_state(opt, ckpt, optimizer, ema)
+    del ckpt
+    train_loader, dataset, labels, val_loader = build_loaders(opt, data_dict, train_hyp, imgsz, gs, nc, main_process)
+    if distill.imitation is not None:
+        distill.imitation.warmup = opt.distill_warmup = distill_warmup(opt.distill_warmup, len(train_loader), epochs)
     if main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(save_dir))
-        if not (opt.resume and (save_dir / "results.csv").exists()):  # a new run in a reused folder (--exist-ok)
-            with open(save_dir / "results.csv", "w", newline="") as f:  # starts its own table
-                csv.writer(f).writerow(CSV_KEYS)
+        prepare_run_dir(opt, save_dir, hyp, dataset, labels, model, names, imgsz)
 
-    nw = max(round(hyp["warmup_epochs"] * nb), 100)  # warm-up iterations
-    last_opt_step = -1
-    maps = np.zeros(nc)
-    results = (0, 0, 0, 0, 0, 0, 0)  # P, R, mAP50, mAP50-95, val box, obj, cls
+    # Loss, the module a step runs, optimiser steps, logging
+    model.nc, model.hyp, model.names = nc, train_hyp, names
+    compute_loss = ComputeLoss(model)
+    step_module = build_step_module(opt, model, distill.imitation, device)
+    stepper = Stepper(opt, optimizer, lf, train_hyp, step_module, model, ema, len(train_loader), amp)
     scheduler.last_epoch = start_epoch - 1
-    amp = cuda
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    stopper, stop = EarlyStopping(patience=opt.patience), False
-    nonfinite = NonFiniteGuard()
-    params = [p for p in step_module.parameters() if p.requires_grad]
+    log = TrainLogger(save_dir, CSV_KEYS, epochs, names, model.stride.tolist(), plots, opt.resume) \
+        if main_process else None
+    rescale = partial(random_rescale, imgsz=imgsz, gs=gs) if opt.multi_scale else None
+    stopper, stop, nonfinite = EarlyStopping(patience=opt.patience), False, NonFiniteGuard()
+    metrics = Metrics(*[0.0] * len(Metrics._fields))  # of the last validated epoch
+
+    def val(**kw):  # the val set and settings that each epoch's and the final validation share
+        return validate.run(data=data_dict, batch_size=val_batch_size(opt), imgsz=imgsz, single_cls=opt.single_cls,
+                            dataloader=val_loader, save_dir=save_dir, **kw)
+
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
                 f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs...")
-    t0 = time.time()
-    epoch = start_epoch
+
+    # Training: an epoch of steps, then the LR schedule's step
+    t0, epoch = time.time(), start_epoch
     for epoch in range(start_epoch, epochs):
-        step_module.train()
-        if opt.close_mosaic and epoch == epochs - opt.close_mosaic and dataset.mosaic:
-            LOGGER.info("closing mosaic for the last epochs")
-            dataset.mosaic = False  # workers are not persistent: the next epoch's workers see the change
-        if RANK != -1:
-            train_loader.sampler.set_epoch(epoch)
-        mloss = torch.zeros(4, device=device)  # mean box, obj, cls, kd
-        kd_cover, kd_n = [], 0  # summed mask coverage (% of cells) per level, and batches counted
-        pbar = enumerate(train_loader)
-        LOGGER.info(("\n" + "%11s" * 8) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "kd_loss",
-                                           "Instances", "Size"))
-        if main_process:
-            pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
-        optimizer.zero_grad()
-        for i, (imgs, targets, paths, _) in pbar:
-            ni = i + nb * epoch  # iterations since the start of training
-            imgs = imgs.to(device, non_blocking=True, memory_format=mem_format).float() / 255
-            targets = targets.to(device)
-
-            # Warm-up: accumulate fewer batches, ramp bias LR down from warmup_bias_lr and the rest up from 0
-            if ni <= nw:
-                xi = [0, nw]
-                accumulate = max(1, int(np.interp(ni, xi, [1, nbs / batch_size]).round()))
-                for j, x in enumerate(optimizer.param_groups):
-                    # plain floats: numpy scalars would make the optimizer state unloadable with weights_only
-                    x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
-                                                       x["initial_lr"] * lf(epoch)]))
-                    if "momentum" in x:
-                        x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
-
-            if opt.multi_scale:
-                sz = int(np.random.uniform(imgsz * 0.5, imgsz * 1.5 + gs)) // gs * gs
-                sf = sz / max(imgs.shape[2:])
-                if sf != 1:
-                    ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
-                    imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
-
-            with torch.autocast(device_type=device.type, enabled=amp):
-                t_feats = teacher_features(teacher, imgs, teacher_levels, opt.distill_target) if teacher else None
-                pred, kd_loss, kd_stats = step_module(imgs, targets, t_feats, ni)
-                loss, loss_items = compute_loss(pred, targets)
-                if kd_loss is not None:
-                    loss = loss + kd_loss.float() * imgs.shape[0]  # same batch-size convention as the detection loss
-                if RANK != -1:
-                    loss *= WORLD_SIZE  # DDP averages gradients across ranks
-
-            if nonfinite.skip(loss, epoch, i):
-                optimizer.zero_grad()
-                if nonfinite.stopped:
-                    break
-                continue
-            if auto_weight is not None and kd_stats.get("active"):
-                lam = auto_weight.observe(loss_items, kd_stats["raw"])
-                if lam is not None:  # set once; the checkpoints' opt records it, so --resume keeps it
-                    imitation.weight, auto_weight = lam, None
-                    setattr(opt, weight_flag, lam)
-                    LOGGER.info(f"distill: --{weight_flag.replace('_', '-')} auto set to {lam:.4g}")
-
-            scaler.scale(loss).backward()
-            if ni - last_opt_step >= accumulate:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad()
-                if ema:
-                    ema.update(model)
-                last_opt_step = ni
-
-            if main_process:
-                kd_item = kd_loss.detach().float().reshape(1) if kd_loss is not None else torch.zeros(1, device=device)
-                mloss = (mloss * i + torch.cat((loss_items, kd_item))) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved() / 1e9 if cuda else 0:.3g}G"
-                pbar.set_description(("%11s" * 2 + "%11.4g" * 6) % (f"{epoch}/{epochs - 1}", mem, *mloss,
-                                                                  targets.shape[0], imgs.shape[-1]))
-                if plots and ni < 3:
-                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names=names)
-                if plots and ni == 0 and kd_stats.get("masks"):  # FGFI's masks (cwd and mgd have none)
-                    plot_distill_masks(imgs, targets, kd_stats["masks"], model.stride.tolist(),
-                                       save_dir / "distill_masks.jpg")
-                if kd_stats and i % 10 == 0:  # coverage and losses need a device sync: sample every 10th batch
-                    cover = mask_coverage(kd_stats["masks"])  # empty for the terms without a mask (cwd, mgd)
-                    if cover:
-                        kd_cover = [c + x for c, x in zip(kd_cover, cover)] if kd_cover else list(cover)
-                        kd_n += 1
-                    if kd_stats["active"]:  # during warm-up the term is not computed
-                        tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
-                    for k, (s_, l_) in enumerate(zip(model.stride.tolist(), kd_stats["per_level"].tolist())):
-                        if cover:
-                            tb.add_scalar(f"distill/P{int(math.log2(s_))}_coverage", cover[k], ni)
-                        if kd_stats["active"]:
-                            tb.add_scalar(f"distill/P{int(math.log2(s_))}_raw_loss", l_, ni)
+        set_epoch_data(train_loader, dataset, epoch, opt)
+        stats = train_one_epoch(step_module, compute_loss, distill, stepper, train_loader, epoch, device,
+                                nonfinite, log, rescale)
         if nonfinite.stopped:
             break
-
         lr = [x["lr"] for x in optimizer.param_groups]
         scheduler.step()
-        if main_process and imitation is not None:
-            head = "mask coverage " + ", ".join(f"P{int(math.log2(s_))} {c_ / kd_n:.1f}%" for s_, c_ in
-                                                 zip(model.stride.tolist(), kd_cover)) if kd_n else opt.distill_method
-            LOGGER.info(f"distill: {head}; mean weighted imitation loss {mloss[3]:.4g} vs detection loss "
-                        f"{mloss[:3].sum():.4g} (per image; lambda {imitation.weight:.4g})")
 
+        # Main process: validate the EMA weights, log the epoch, save checkpoints
         if main_process:
+            if distill.imitation is not None:
+                log.distill_summary(stats.coverage, stats.losses, distill.imitation.weight, opt.distill_method)
             ema.update_attr(model)
             final_epoch = epoch + 1 == epochs or stopper.patience <= epoch - stopper.best_epoch + 1
             validated = not opt.noval or final_epoch
             if validated:
-                results, maps, _ = validate.run(data=data_dict, batch_size=max(batch_size // WORLD_SIZE * 2, 1),
-                                                imgsz=imgsz, half=amp, model=ema.ema, single_cls=single_cls,
-                                                dataloader=val_loader, save_dir=save_dir, plots=False,
-                                                compute_loss=compute_loss)
-            fi = float(fitness(np.array(results).reshape(1, -1))[0])
-            ema_finite = all(torch.isfinite(v).all() for v in ema.ema.state_dict().values()
-                             if v.dtype.is_floating_point)
+                metrics = val(model=ema.ema, half=amp, plots=False, compute_loss=compute_loss).metrics
+            fi, ema_finite = float(fitness(metrics)[0]), ema_is_finite(ema)
             if fi > best_fitness and ema_finite:
                 best_fitness = fi
             stop = stopper(epoch=epoch, fitness_value=fi) or stop
-
-            # an epoch left unvalidated (--noval) has empty metric and val-loss cells, not zeros
-            row = [epoch, *mloss.tolist(), *(results if validated else [""] * len(results)), *lr]
-            with open(save_dir / "results.csv", "a", newline="") as f:
-                csv.writer(f).writerow([f"{x:.6g}" if isinstance(x, float) else x for x in row])
-            for k, v in zip(CSV_KEYS[1:], row[1:]):
-                if v != "":
-                    tb.add_scalar(k, float(v), epoch)
-
+            log.epoch(epoch, stats.losses.tolist(), metrics, validated, lr)
             if not opt.nosave or final_epoch:
-                record = dict(model=de_parallel(model), ema=ema.ema, updates=ema.updates, optimizer=optimizer,
-                              epoch=epoch, best_fitness=best_fitness, opt=vars(opt), hyp=hyp,
-                              distill=distill_record(opt) if imitation is not None else None,
-                              adapters=imitation.state_dict() if imitation is not None else None)
-                save_checkpoint(last, **record)
-                if best_fitness == fi and ema_finite:
-                    save_checkpoint(best, **record)
-                if opt.save_period > 0 and epoch % opt.save_period == 0:
-                    save_checkpoint(w / f"epoch{epoch}.pt", **record)
-
-        if RANK != -1:  # every rank stops together
-            flag = torch.tensor([float(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
+                record = checkpoint_record(model, ema, optimizer, epoch, best_fitness, opt, train_hyp, distill)
+                is_best = best_fitness == fi and ema_finite
+                save_checkpoints(save_dir / "weights", record, epoch, is_best, opt.save_period)
+        if all_ranks_stop(stop, device):
             break
 
-    # Wrap up: drop optimiser state, validate best.pt once more with plots
+    # Finish: checkpoints stripped, best.pt validated with plots
     if main_process:
         LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in last, best:
-            if f.exists():
-                strip_optimizer(f)
-        if best.exists():
-            LOGGER.info(f"\nValidating {best}...")
-            best_model = load_model(best, device=device)
-            results, _, _ = validate.run(data=data_dict, batch_size=max(batch_size // WORLD_SIZE * 2, 1), imgsz=imgsz,
-                                         model=best_model, single_cls=single_cls, dataloader=val_loader,
-                                         save_dir=save_dir, plots=plots, verbose=True, compute_loss=None)
-        if plots and (save_dir / "results.csv").exists():
-            plot_results(save_dir / "results.csv")
-        if tb is not None:
-            tb.close()
+        metrics = finish(save_dir, val, device, plots, metrics)
+        log.close()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     nonfinite.raise_if_stopped()
-    return results
+    return metrics
 
 
 
@@ -573,7 +644,7 @@ def main(opt):
             device = torch.device("cpu")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     try:
-        opt.results = train(hyp.copy(), opt, device)  # (P, R, mAP50, mAP50-95, val losses) of the final weights
+        opt.results = train(hyp, opt, device)  # val.Metrics (P, R, mAP50, mAP50-95, val losses) of the final weights
         return opt
     finally:
         if WORLD_SIZE > 1 and dist.is_initialized():

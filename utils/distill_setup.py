@@ -2,6 +2,7 @@
 describe, the trainable step module (student + imitation), the teacher's maps for a batch, and what a
 distilled checkpoint records about its teacher."""
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 from models.checkpoint import load_model
 from models.yolo import DetectionModel
 from utils.distill import FeatureImitation
-from utils.distill_methods import AUTO, WEIGHT_FLAGS, build_method
+from utils.distill_methods import AUTO, WEIGHT_FLAGS, AutoWeight, build_method
 from utils.logging import LOGGER, colorstr
 
 
@@ -138,6 +139,32 @@ def teacher_features(teacher, imgs, levels, target: str) -> list[torch.Tensor]:
     else:
         maps = teacher.features(x)  # the neck only: Detect is skipped
     return [maps[j].float() for j in levels]
+
+
+@dataclass
+class Distillation:
+    """The teacher side of training. For plain training every part is absent: no teacher maps, no imitation
+    term, and the step runs the student alone."""
+    teacher: nn.Module | None = None
+    levels: list = field(default_factory=list)  # the teacher's levels matching the student's strides
+    target: str = "neck"
+    imitation: nn.Module | None = None
+    auto_weight: AutoWeight | None = None  # while an 'auto' weight is being measured; None once it is set
+    weight_flag: str = ""  # the opt attribute holding the method's weight
+    opt: object = None  # the run's arguments: an 'auto' weight is recorded there, so checkpoints and --resume keep it
+
+    def teacher_maps(self, imgs):
+        return teacher_features(self.teacher, imgs, self.levels, self.target) if self.teacher is not None else None
+
+    def observe(self, loss_items, kd_stats):
+        """Feed an imitating step to an 'auto' weight; once measured, it becomes the term's fixed weight."""
+        if self.auto_weight is None or not kd_stats.get("active"):
+            return
+        lam = self.auto_weight.observe(loss_items, kd_stats["raw"])
+        if lam is not None:
+            self.imitation.weight, self.auto_weight = lam, None
+            setattr(self.opt, self.weight_flag, lam)
+            LOGGER.info(f"distill: --{self.weight_flag.replace('_', '-')} auto set to {lam:.4g}")
 
 
 def check_image_size_vs_teacher(teacher, imgsz):
