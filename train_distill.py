@@ -493,7 +493,6 @@ def train(hyp: dict, opt, device) -> Metrics:
     return metrics
 
 
-
 def parse_opt(known: bool = False, argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=str, default="", help="initial weights path or official name (yolov5s.pt)")
