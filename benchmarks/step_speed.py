@@ -83,8 +83,10 @@ class StepBench:
         self.targets = random_targets(batch, boxes, seed, nc).to(device)
         self.raw_hyp = yaml_load(find_file("hyp.scratch-low.yaml"))
         torch.manual_seed(seed)
-        self.teacher_pt = Path(tmp) / f"teacher_{Path(teacher_cfg).stem}.pt"
-        save_checkpoint(self.teacher_pt, DetectionModel(teacher_cfg, nc=nc))
+        self.teacher_pt = None  # no teacher_cfg: plain steps only
+        if teacher_cfg:
+            self.teacher_pt = save_checkpoint(Path(tmp) / f"teacher_{Path(teacher_cfg).stem}.pt",
+                                              DetectionModel(teacher_cfg, nc=nc))
         self.student, self.compute_loss = self.model(student_cfg, nc)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
@@ -240,8 +242,8 @@ def main(argv=None):
             ("imitation masks, per-box loop", "3 levels", "tests/mask_reference.py, fine", "loop",
              f"{t['loop'].median / t['fine'].median:.1f}x the dense fine masks' time")]
     header = ["what", "model", "detail", "median ms", "CPU ms", "/ plain step", f"% of {reference} step", "check"]
-    table = [[what, model, detail, round(t[k].median, 2), round(t[k].cpu_median, 2), round(t[k].median / plain, 3),
-              round(100 * t[k].median / ref, 4), check] for what, model, detail, k, check in rows]
+    table = [[what, model, detail, round(t[k].median, 2), round(t[k].cpu_median, 2), round(t[k].median / plain, 5),
+              round(100 * t[k].median / ref, 5), check] for what, model, detail, k, check in rows]
     notes = [f"Batch {opt.batch} at {opt.imgsz}, {len(targets)} boxes ({opt.boxes} per image), nc {opt.nc}; "
              f"whole steps: median of {opt.repeats} round-robin rounds after a warm-up; parts and masks: median of "
              f"{opt.part_repeats} rounds. CPU ms counts all threads of the process.",

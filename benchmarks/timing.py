@@ -103,8 +103,9 @@ def quiet_log():
 
 
 def add_common_args(parser, threads=1):
-    """--threads (torch intra-op threads) and --results NAME on `parser`."""
-    parser.add_argument("--threads", type=int, default=threads, help="torch intra-op threads (0: torch's default)")
+    """--threads (torch intra-op threads, default `threads`; None: no such flag) and --results NAME."""
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--results", default=None, metavar="NAME",
                         help="also write benchmarks/results/NAME.csv and NAME.md (commit, command, machine)")
     return parser
