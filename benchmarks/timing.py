@@ -133,13 +133,13 @@ def machine(device=None) -> str:
 
 
 def commit() -> str:
-    """Short hash of HEAD, marked when tracked files differ from it."""
+    """Short hash of HEAD, marked when tracked code (.py, .yaml) differs from it: the code that ran."""
     def git(*args):
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else ""
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.yaml") else "")
 
 
 def command() -> str:
