@@ -3,8 +3,8 @@
   1. imitation_masks on the device: equal to the CPU result but for cells whose IoU is within 1e-6 of the
      threshold, no host sync (a warm call under torch.cuda.set_sync_debug_mode('error')), ms per call
      (batch 16 at 640, 0..20 boxes per image).
-  2. One training batch of shapes, yolov5n student, untrained yolov5s teacher loaded by the trainer's
-     load_teacher (fp16 on CUDA), AMP as the trainer runs it: (a) plain step, (b) distilled step with the
+  2. One random training batch (benchmarks/step_speed.py's StepBench), yolov5n student, untrained yolov5s
+     teacher loaded by the trainer's load_teacher (fp16 on CUDA), AMP as the trainer runs it: (a) plain step, (b) distilled step with the
      defaults, (c) teacher forward alone; medians, the check b <= a + c + 0.1a, and a finite, non-zero
      imitation loss with finite gradients.
   3. train_distill.run for one epoch with that teacher (AMP, fp16 teacher, EMA, val in half precision),
@@ -13,17 +13,14 @@
     python benchmarks/cuda_smoke.py                 # device 0
     python benchmarks/cuda_smoke.py --device cpu --imgsz 128 --mask-imgsz 320   # dry run of the same code
 
-Prints a Markdown table and writes it to runs/benchmarks/cuda_smoke/summary.md; exits 1 if a check fails,
-2 if the device is missing.
+Prints a Markdown table (--results NAME: also benchmarks/results/NAME.{csv,md}); exits 1 if a check
+fails, 2 if the device is missing.
 """
 import argparse
 import csv
 import math
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,36 +30,20 @@ sys.path.insert(0, str(ROOT))
 
 import train_distill  # noqa: E402
 import val  # noqa: E402
-from benchmarks.mask_speed import TOL, random_targets  # noqa: E402
-from benchmarks.speed import quiet_log, step_setup  # noqa: E402
+from benchmarks.step_speed import TOL, StepBench, random_targets  # noqa: E402
+from benchmarks.timing import add_common_args, measure, quiet_log, report, start  # noqa: E402
 from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
-from utils import distill_setup  # noqa: E402
 from utils.distill import imitation_masks  # noqa: E402
-
-
-def timed_ms(fn, dev, repeats):
-    """Median ms of fn over `repeats` calls after one warm-up, synchronising the device around each."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def mask_checks(dev, imgsz, repeats):
     """Device masks vs CPU masks: cells that differ outside and inside the per-box loop's tolerance band
     (only inside may differ), no-sync check, ms per call."""
-    targets = random_targets(16, 20, 0)
+    targets = random_targets(16, 20, 0, vary=True)
     hws = [(imgsz // s, imgsz // s) for s in STRIDES]
     a_dev = [a.to(dev) for a in ANCHORS]
-    crowded = random_targets(16, 60, 1)  # ~500 boxes: two chunks of boxes at P3 at 640
+    crowded = random_targets(16, 60, 1, vary=True)  # ~500 boxes: two chunks of boxes at P3 at 640
     outside = inside = 0
     for t in (targets, crowded):
         for c, d, a, s, hw in zip(imitation_masks(t, ANCHORS, STRIDES, hws, 16),
@@ -84,45 +65,25 @@ def mask_checks(dev, imgsz, repeats):
             no_sync = f"False ({e})"
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return (outside, inside), no_sync, timed_ms(call, dev, repeats), f"{len(targets)} and {len(crowded)} boxes"
+    return (outside, inside), no_sync, measure({"masks": call}, repeats, device=dev)["masks"].median, \
+        f"{len(targets)} and {len(crowded)} boxes"
 
 
 def step_checks(dev, imgsz, batch, repeats):
     """Median ms of (a) plain, (b) distilled, (c) teacher forward, with AMP on CUDA; and sanity of (b)."""
     data = check_dataset("shapes.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="cuda_smoke_"))
-    imgs, targets, student, compute_loss, variant, teacher_pt = step_setup(data, imgsz, batch, tmp, dev)
-    opt, teacher, levels, imitation = variant()
-    module = distill_setup.StudentWithImitation(student, imitation, opt.distill_target)
-    plain = distill_setup.StudentWithImitation(student, None)
-    amp = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    bench = StepBench("yolov5n.yaml", "yolov5s.yaml", data["nc"], imgsz, batch, 20, tmp, dev, amp=True)
+    setup = bench.distill()
     seen = {}
-
-    def step(distil):
-        student.zero_grad(set_to_none=True)
-        imitation.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=dev.type, enabled=amp):
-            if distil:
-                t_feats = distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target)
-                pred, kd, _ = module(imgs, targets, t_feats, 0)
-            else:
-                pred, kd, _ = plain(imgs, targets)
-            loss = compute_loss(pred, targets)[0]
-            if kd is not None:
-                loss = loss + kd.float() * imgs.shape[0]
-                seen["kd"] = kd.detach()  # read after the timing: no sync inside the step
-        scaler.scale(loss).backward()
-
-    def teacher_only():
-        with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=amp):
-            distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target)
-
-    t = {"a": timed_ms(lambda: step(False), dev, repeats), "b": timed_ms(lambda: step(True), dev, repeats),
-         "c": timed_ms(teacher_only, dev, repeats)}
-    grads_finite = all(torch.isfinite(p.grad).all() for p in list(student.parameters()) + list(imitation.parameters())
-                       if p.grad is not None)
-    return t, next(teacher.parameters()).dtype, float(seen["kd"]), grads_finite, len(targets), teacher_pt
+    t = measure({"a": bench.step(), "b": bench.step(setup=setup, seen=seen), "c": bench.teacher_forward(setup)},
+                repeats, device=dev)
+    t = {k: v.median for k, v in t.items()}
+    imitation = setup[3]
+    grads_finite = all(torch.isfinite(p.grad).all() for p in
+                       list(bench.student.parameters()) + list(imitation.parameters()) if p.grad is not None)
+    teacher = setup[1]
+    return t, next(teacher.parameters()).dtype, float(seen["kd"]), grads_finite, len(bench.targets), bench.teacher_pt
 
 
 def train_checks(dev_arg, imgsz, batch, teacher_pt, out):
@@ -139,14 +100,15 @@ def train_checks(dev_arg, imgsz, batch, teacher_pt, out):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="0", help="cuda device index, or cpu for a dry run")
     ap.add_argument("--imgsz", type=int, default=320, help="training step and run image size")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--mask-imgsz", type=int, default=640)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "cuda_smoke"))
-    opt = ap.parse_args()
+    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "cuda_smoke"), help="training run folder")
+    opt = add_common_args(ap, threads=0).parse_args()
+    start(opt)
     if opt.device != "cpu" and not torch.cuda.is_available():
         print("no CUDA device here; run with --device cpu for a dry run of the same code")
         sys.exit(2)
@@ -167,7 +129,7 @@ def main():
               f"{outside} / {inside}")
         check("imitation_masks: no host sync (warm call)", no_sync in (True, "n/a on CPU"), str(no_sync))
         rows.append(("imitation_masks ms per call (median)", "", f"{mask_ms:.2f} ms"))
-        # untrained teacher (speed.step_setup): the plumbing is what is checked
+        # untrained teacher (StepBench): the plumbing is what is checked
         t, t_dtype, kd, grads_finite, ntgt, teacher_pt = step_checks(dev, opt.imgsz, opt.batch, opt.repeats)
         check("teacher dtype (fp16 on CUDA)", t_dtype == (torch.float16 if dev.type == "cuda" else torch.float32),
               str(t_dtype))
@@ -182,12 +144,7 @@ def main():
         check("val.run on its best.pt: finite metrics", all(math.isfinite(float(x)) for x in metrics),
               "P {:.3f} R {:.3f} mAP50 {:.3f} mAP50-95 {:.3f}".format(*map(float, metrics)))
 
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU"
-    lines = [f"## CUDA smoke: {name}, torch {torch.__version__}", "", "| check | result | value |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    (out / "summary.md").write_text(text)
+    report(f"CUDA smoke check on {dev}", ["check", "result", "value"], rows, [], opt.results, device=dev)
     sys.exit(1 if failed else 0)
 
 

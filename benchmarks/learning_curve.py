@@ -7,12 +7,11 @@ results.csv, with the wall time of each run. Extra train_distill.py flags go aft
     python benchmarks/learning_curve.py --cfg yolov5n.yaml yolov5s.yaml --epochs 20 \\
         --extra --optimizer Adam --hyp hyp.shapes.yaml
     python benchmarks/learning_curve.py --from-runs runs/demo/teacher runs/demo/baseline  # tabulate only
-Results: runs/benchmarks/learning_curve/curve.md. Finished runs are reused (delete them to retrain).
+Prints a Markdown table (--results NAME: also benchmarks/results/NAME.{csv,md}). Runs go to --out
+(runs/benchmarks/learning_curve); finished runs are reused (delete them to retrain).
 """
 import argparse
 import csv
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.distill_gain import train  # noqa: E402  (train one run unless its best.pt exists)
+from benchmarks.timing import add_common_args, report  # noqa: E402
 
 
 def read_curve(results_csv):
@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--from-runs", nargs="+", default=None, help="tabulate these finished run folders, train nothing")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train_distill.py flags for every run")
     ap.add_argument("--out", default=str(ROOT / "runs/benchmarks/learning_curve"))
-    opt = ap.parse_args(argv)
+    opt = add_common_args(ap, threads=None).parse_args(argv)
 
     out = Path(opt.out)
     curves, seconds = {}, {}
@@ -60,25 +60,21 @@ def main(argv=None):
         curves[name] = read_curve(out / name / "results.csv")
 
     names = list(curves)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only"
     what = (f"runs {' '.join(opt.from_runs)} (settings in each opt.yaml)" if opt.from_runs else
             f"imgsz {opt.imgsz}, batch {opt.batch_size}, nbs {opt.nbs}, seed {opt.seed}, "
             f"extra flags: {' '.join(opt.extra) or 'none'}")
-    lines = [f"Shapes learning curve: {what}; {machine}.", "",
-             "| epoch | " + " | ".join(f"{n} mAP50 | {n} mAP50-95" for n in names) + " |",
-             "|---|" + "---|---|" * len(names)]
+    header = ["epoch", *[f"{n} {m}" for n in names for m in ("mAP50", "mAP50-95")]]
+    rows = []
     for e in range(max(len(c) for c in curves.values())):
         cells = []
         for n in names:
             c = curves[n]
-            cells += [f"{c[e][1]:.3f}", f"{c[e][2]:.3f}"] if e < len(c) else ["", ""]
-        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
-    lines.append("| train time | " + " | ".join(
-        f"{seconds[n] / 60:.1f} min | " if n in seconds else "(not timed) | " for n in names) + "|")
-    text = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "curve.md").write_text(text + "\n")
-    print("\n" + text)
+            cells += [round(c[e][1], 3), round(c[e][2], 3)] if e < len(c) else [None, None]
+        rows.append([e + 1, *cells])
+    rows.append(["train min", *[x for n in names for x in
+                                ((round(seconds[n] / 60, 1), None) if n in seconds else (None, None))]])
+    report(f"Learning curve on {Path(opt.data).stem}", header, rows,
+           [f"{what}. train min: wall minutes of each run trained by this call (empty: reused)."], opt.results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The imitation mask as a per-image, per-box loop: the reference for tests/test_distill_mask.py and the
-baseline of benchmarks/mask_speed.py.
+baseline the masks are timed against in benchmarks/step_speed.py.
 
 Written independently of utils/distill_mask.py: boxes and anchor boxes as corners, their IoU by
 utils.boxes.box_iou, in the dtype of the targets (float64 targets give a reference well below float32
