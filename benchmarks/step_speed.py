@@ -7,7 +7,8 @@ teacher_features, smart_optimizer, channels-last on the CPU) with the trainer's 
 
 - plain step: student forward + ComputeLoss + backward + optimiser step;
 - distilled step: the plain step + the teacher's forward + the imitation term (defaults: neck maps,
-  1x1 adapters, fine masks), and one row per `--variants` (3x3 adapters, head imitation);
+  1x1 adapters, fine masks), and one row per `--variants` (3x3 adapters, head imitation, pkd norm, the cwd
+  and mgd methods);
 - teacher forward alone (frozen, BN-fused, no_grad);
 - plain step of `--reference` (yolov5s): the step whose share the masks are given as;
 - parts of the distilled step, each on fixed inputs: the imitation term alone (masks, adapters, loss,
@@ -24,7 +25,7 @@ break it on one run).
 
     OMP_NUM_THREADS=1 python benchmarks/step_speed.py --results step_speed     # batch 16 at 640, ~4 min
     python benchmarks/step_speed.py --imgsz 160 --batch 4 --repeats 1           # smoke run
-    python benchmarks/step_speed.py --variants 3x3 head                         # + the other imitation set-ups
+    python benchmarks/step_speed.py --variants 3x3 head pkd cwd mgd             # + the other imitation set-ups
 """
 import argparse
 import sys
@@ -48,7 +49,8 @@ from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 from utils.torch_utils import smart_optimizer, training_memory_format  # noqa: E402
 
 TOL = 1e-6  # IoU band around the mask threshold where float32 and the float64 loop may disagree
-VARIANTS = {"3x3": ["--distill-adapter", "3x3"], "head": ["--distill-target", "head"]}
+VARIANTS = {"3x3": ["--distill-adapter", "3x3"], "head": ["--distill-target", "head"],
+            "pkd": ["--distill-norm", "pkd"], "cwd": ["--distill-method", "cwd"], "mgd": ["--distill-method", "mgd"]}
 
 
 def random_targets(batch, boxes, seed, nc=1, vary=False):
