@@ -11,6 +11,15 @@ Validation: one set of weights trained by the peer (its best.pt from the last ro
 peer's `yolov5 val` and by this repository's val.py (the peer's pickle is turned into a plain state dict
 by the peer's own Python, then into a project checkpoint); both `all` rows are printed with the time ratio.
 
+Val parity (after the timed val rounds, untimed): one more val per side with --save-json; the two
+prediction files are compared record by record (image, class, box, score as written), and the `all`
+rows side by side. Both sides run with the same thread count, which bit-identical outputs need (CPU
+convolutions round differently with another OMP thread count). Results: benchmarks/results/
+val_parity[_TAG].{csv,md}.
+
+    python benchmarks/upstream_peer.py --skip-train --val-rounds 0 --data shapes.yaml --epochs 4
+    python benchmarks/upstream_peer.py --peer-weights runs/peer/best.pt --val-rounds 0 --data shapes.yaml
+
 Reported per run: wall seconds, CPU seconds (user + sys of the process and its reaped workers) and the
 training-loop seconds read off the progress bars; per side the medians; and the ratios peer / ours
 (> 1: ours is faster). The machine is shared: quote the ratios, not the seconds.
@@ -32,6 +41,7 @@ Results: benchmarks/results/upstream_peer[_TAG].{csv,md}.
 """
 import argparse
 import csv
+import json
 import os
 import re
 import resource
@@ -81,6 +91,26 @@ def shapes_data(n_train: int, n_val: int, size: int) -> Path:
     yaml_save(yaml_file, {"path": str(out), "train": "images/train", "val": "images/val",
                           "names": dict(enumerate(NAMES))})
     return yaml_file
+
+
+def resolved_data(data: str, out: Path) -> Path:
+    """A data yaml both sides read alike: split paths made absolute by check_dataset (which also generates
+    the shapes set on first use)."""
+    from utils.data_config import check_dataset
+    from utils.files import yaml_save
+    d = check_dataset(data)
+    yaml_save(out, {"path": str(d["path"]), "train": d["train"], "val": d["val"],
+                    "names": dict(enumerate(d["names"]))})
+    return out
+
+
+def compare_predictions(peer_json: Path, ours_json: Path) -> dict:
+    """Record-by-record agreement of two COCO prediction files (same order: same images, same sort)."""
+    a, b = (json.loads(Path(f).read_text()) for f in (peer_json, ours_json))
+    equal = sum(x == y for x, y in zip(a, b))
+    images = {r["image_id"] for r in a} | {r["image_id"] for r in b}
+    differ = {x["image_id"] for x, y in zip(a, b) if x != y} | {r["image_id"] for r in (a[len(b):] + b[len(a):])}
+    return {"peer": len(a), "ours": len(b), "equal": equal, "images": len(images), "images_differing": len(differ)}
 
 
 def peer_env(cfg_dir: Path, threads: int) -> dict:
@@ -161,6 +191,39 @@ def peer_to_project(peer_python: str, peer_pt: Path, out: Path, env: dict) -> Pa
     return save_checkpoint(out, model)
 
 
+def write_parity(opt, argv, info, train_flags, vflags, peer_best, parity, agree):
+    """benchmarks/results/val_parity[_TAG].{csv,md}: both `all` rows and the json record agreement."""
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "val_parity" + (f"_{opt.tag}" if opt.tag else "")
+    head = ["Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["side", *head, "detections", "records_equal_to_peer", "commit", "cpu", "cores", "torch",
+                    "threads"])
+        for side in ("peer", "ours"):
+            w.writerow([side, *parity[side][0], agree[side], agree["equal"], info["commit"], info["cpu"],
+                        info["cores"], info["torch"], opt.threads or "unset"])
+    same = parity["peer"][0] == parity["ours"][0]
+    command = shlex.join(["python", "benchmarks/upstream_peer.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = ["# val.py vs upstream YOLOv5's val (pip yolov5 7.0.14, black-box CLI) on the same weights", "",
+             f"- command: `{command.strip()}`", f"- commit: {info['commit']}",
+             f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+             f"OMP threads {opt.threads or 'unset'} on both sides",
+             (f"- weights: best.pt of `yolov5 train {shlex.join(map(str, train_flags))}`" if train_flags else
+              f"- weights: `{peer_best}` (the peer's)"),
+             f"- val flags (both sides, plus --save-json): `{shlex.join(map(str, vflags[2:]))}`; "
+             f"data: `{opt.data or 'generated shapes set'}` (split paths made absolute)", "",
+             "| side | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+    lines += [f"| {side} | " + " | ".join(parity[side][0]) + " |" for side in ("peer", "ours")]
+    lines += ["", f"- `all` rows identical: {'yes' if same else 'NO'}",
+              f"- detections (json records): peer {agree['peer']}, ours {agree['ours']}; equal record by record "
+              f"(image, class, box, score as written): {agree['equal']}; images with any difference: "
+              f"{agree['images_differing']} of {agree['images']}"]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -185,6 +248,10 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--data", default="", help="a data yaml for both sides instead of the generated shapes set "
+                                              "(--n-train, --n-val), e.g. shapes.yaml")
+    p.add_argument("--peer-weights", default="", help="the peer's best.pt to validate (no training)")
+    p.add_argument("--no-parity", action="store_true", help="skip the val parity run (--save-json, compared)")
     p.add_argument("--noval", action="store_true", help="add --noval to both (yolov5 7.0.14 crashes with it)")
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of every run (0: leave unset)")
     p.add_argument("--skip-train", action="store_true", help="val.py rounds only (one peer run for the weights)")
@@ -199,9 +266,9 @@ def main(argv=None):
         sys.exit(f"peer CLI {peer_cli} not found: see this script's docstring for the set-up")
     peer_python = str(peer_cli.parent / "python")
     info = machine()
-    data = shapes_data(opt.n_train, opt.n_val, opt.imgsz)
-    nb = -(-opt.n_train // opt.batch_size)
     work = Path(tempfile.mkdtemp(prefix="upstream_peer_"))
+    data = resolved_data(opt.data, work / "data.yaml") if opt.data else shapes_data(opt.n_train, opt.n_val, opt.imgsz)
+    nb = -(-opt.n_train // opt.batch_size)  # the progress bar length (for the generated set)
     env_ours, env_peer = ours_env(opt.threads), peer_env(work / "peer_config", opt.threads)
     flags = ["--cfg", "yolov5n.yaml", "--weights", "", "--data", str(data), "--imgsz", opt.imgsz,
              "--batch-size", opt.batch_size, "--epochs", opt.epochs, "--noplots", "--workers", opt.workers,
@@ -213,9 +280,9 @@ def main(argv=None):
     print(f"machine: {info}\ndata: {data}\nruns in {work}", flush=True)
 
     runs = []  # dicts: phase, round, side, wall_s, cpu_s, loop_s
-    peer_best = None
-    train_rounds = 0 if opt.skip_train else opt.rounds
-    for r in range(train_rounds or (0 if opt.skip_val else 1)):
+    peer_best = Path(opt.peer_weights) if opt.peer_weights else None
+    train_rounds = 0 if (opt.skip_train or peer_best) else opt.rounds
+    for r in range(train_rounds or (0 if (opt.skip_val or peer_best) else 1)):
         order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
         if not train_rounds:
             order = ("peer",)
@@ -252,6 +319,18 @@ def main(argv=None):
                 runs.append(res)
                 print(f"val round {r} {side}: wall {res['wall_s']:.1f}s cpu {res['cpu_s']:.1f}s "
                       f"all {' '.join(val_rows[side])}", flush=True)
+        if not opt.no_parity:
+            parity = {}
+            for side in ("peer", "ours"):
+                cmd, cwd, env = vsides[side]
+                all_r = all_row(timed([*cmd, "--save-json", "--name", "parity"], cwd, env,
+                                      work / f"val_{side}_parity.log")["log"])
+                js = sorted((work / f"val_{side}" / "parity").glob("*_predictions.json"))
+                if len(js) != 1:
+                    raise RuntimeError(f"{side}: expected one *_predictions.json, found {js}")
+                parity[side] = (all_r, js[0])
+            agree = compare_predictions(parity["peer"][1], parity["ours"][1])
+            write_parity(opt, argv, info, None if opt.peer_weights else flags, vflags, peer_best, parity, agree)
 
     summary = {}
     for phase in ("train", "val"):
@@ -259,6 +338,17 @@ def main(argv=None):
             med = {s: median([x[key] for x in runs if x["phase"] == phase and x["side"] == s]) for s in sides}
             summary[phase, key] = (med["ours"], med["peer"], ratio(med["peer"], med["ours"]))
 
+    if runs:
+        write_speed(opt, argv, info, flags, runs, summary, val_rows)
+    if opt.keep:
+        print(f"run folders kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def write_speed(opt, argv, info, flags, runs, summary, val_rows):
+    """benchmarks/results/upstream_peer[_TAG].{csv,md}: per-run and median seconds, the ratios."""
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "upstream_peer" + (f"_{opt.tag}" if opt.tag else "")
@@ -274,7 +364,8 @@ def main(argv=None):
              f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
              f"OMP threads {opt.threads or 'unset'}; shared with other jobs (load varies: compare ratios)",
              f"- train recipe (both): `{shlex.join(map(str, flags))}`",
-             f"- data: shapes, {opt.n_train} train / {opt.n_val} val images, nominal {opt.imgsz} px", "",
+             (f"- data: {opt.data}" if opt.data else
+              f"- data: shapes, {opt.n_train} train / {opt.n_val} val images, nominal {opt.imgsz} px"), "",
              "| phase | median | ours | peer | peer / ours |", "| --- | --- | --- | --- | --- |"]
     for (phase, key), (o, pv, rt) in summary.items():
         if o is not None:
@@ -287,11 +378,6 @@ def main(argv=None):
               f"{fmt(x['loop_s'], 0)} |" for x in runs]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if opt.keep:
-        print(f"run folders kept in {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return summary
 
 
 if __name__ == "__main__":

@@ -103,13 +103,16 @@ class Concat(nn.Module):
 def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A Conv2d with bias computing bn(conv(x)) with BN's running statistics (inference only).
 
-    w' = w * gamma / sqrt(var + eps);  b' = beta + (b - mean) * gamma / sqrt(var + eps)
+    w' = w * s;  b' = b * s + (beta - gamma * mean / sqrt(var + eps)),  s = gamma / sqrt(var + eps)
+
+    Computed in the weights' dtype in this operation order: the folded values are then bit-identical to
+    upstream YOLOv5's, so a fused model's detections (and val's json) equal upstream's to the last digit.
     """
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
-    # float64 arithmetic so the folded weights round only once
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # [c2]
-    fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-    fused.bias.copy_(bn.bias.double() + (b - bn.running_mean.double()) * scale)
+    std = torch.sqrt(bn.running_var + bn.eps)
+    scale = bn.weight / std  # [c2]
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    b = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    fused.bias.copy_(b * scale + (bn.bias - bn.weight * bn.running_mean / std))
     return fused.to(conv.weight.dtype)

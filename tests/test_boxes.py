@@ -95,6 +95,16 @@ def test_scale_boxes_undoes_letterbox():
     assert out.tolist() == [[0, 0, 640, 480]]
 
 
+def test_scale_boxes_with_ratio_pad_uses_the_height_ratio_on_both_axes():
+    # a 100 x 131 (w x h) image resized to 123 x 160: ratio_h = 160 / 131, ratio_w = 123 / 100
+    rh, rw, padw, padh = 160 / 131, 123 / 100, 4.5, 0.0
+    boxes1 = torch.tensor([[14.5, 16.0, 104.5, 136.0]])
+    back = scale_boxes((160, 132), boxes1.clone(), (131, 100), ratio_pad=((rh, rw), (padw, padh)))
+    want = [(14.5 - padw) / rh, 16.0 / rh, (104.5 - padw) / rh, 136.0 / rh]
+    assert torch.allclose(back[0], torch.tensor(want), atol=1e-4)
+    assert not torch.allclose(back[0, 0], torch.tensor((14.5 - padw) / rw), atol=1e-2)
+
+
 def _pred(rows, nc):
     """rows of (x, y, w, h, obj, cls, cls_prob) -> decoded prediction [1, n, 5 + nc]."""
     p = torch.zeros(1, len(rows), 5 + nc)

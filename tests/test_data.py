@@ -342,6 +342,17 @@ def test_rect_val_batches(tmp_path):
             assert h0 * rh <= ims.shape[2] and w0 * rw <= ims.shape[3]
 
 
+@pytest.mark.parametrize("w, h, size", [(103, 131, (160, 126)),  # 125.8 px: ceil = round > floor
+                                          (100, 131, (160, 123)),  # 122.1 px: ceil > round = floor
+                                          (131, 100, (123, 160))])
+def test_load_image_rounds_sizes_up(tmp_path, w, h, size):
+    """The short side of a resized image is the scaled size rounded up (the rule upstream's val sees)."""
+    write_pair(tmp_path, "v", "im", "0 0.5 0.5 0.5 0.5\n", w=w, h=h)
+    _, ds = create_dataloader(tmp_path / "images/v", 160, 1, 32, rect=True, pad=0.5, workers=0)
+    im, hw0, hw = ds.load_image(0)
+    assert hw0 == (h, w) and hw == size and im.shape[:2] == size
+
+
 def test_cache_ram_and_disk(tmp_path):
     img_dir = good_set(tmp_path, "train", 3)
     _, ds = create_dataloader(img_dir, 64, 2, 32, workers=0, cache="ram")

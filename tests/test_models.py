@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from models.common import Conv
+from models.common import Conv, fuse_conv_and_bn
 from models.yolo import Detect, DetectionModel
 from utils.files import ROOT, yaml_load
 from utils.logging import LOGGER
@@ -221,3 +221,21 @@ def test_bad_yaml_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="yolov5q.yaml"):
         DetectionModel("yolov5q.yaml")
     assert isinstance(DetectionModel(small_cfg()).model[-1], Detect)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_values_are_float32_products_in_a_fixed_order(bias):
+    """Folded weights are the float32 values w * s and b * s + (beta - gamma * mean / std), s = gamma / std,
+    the values upstream YOLOv5 folds to; a float64 fold rounds differently."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(8, 16, 3, bias=bias), torch.nn.BatchNorm2d(16, eps=1e-3)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.01, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.2, 0.2)
+    fused = fuse_conv_and_bn(conv, bn)
+    std = (bn.running_var + 1e-3).sqrt()
+    s = bn.weight / std
+    b = conv.bias if bias else torch.zeros(16)
+    assert torch.equal(fused.weight, conv.weight * s.view(-1, 1, 1, 1))
+    assert torch.equal(fused.bias, b * s + (bn.bias - bn.weight * bn.running_mean / std))

@@ -134,18 +134,18 @@ def clip_boxes(boxes, shape):
 def scale_boxes(img1_shape, boxes, img0_shape, ratio_pad=None):
     """Map xyxy boxes from the letterboxed image (h1, w1) back to the original (h0, w0), in place.
 
-    ratio_pad = ((ratio_h, ratio_w), (padw, padh)) as stored by the loader in `shapes[i][1]`; each axis is
-    divided by its own ratio (they differ slightly once the resized size is rounded to whole pixels).
-    Without it the letterbox gain and centred padding are recomputed from the two shapes.
+    ratio_pad = ((ratio_h, ratio_w), (padw, padh)) as stored by the loader in `shapes[i][1]`: both axes
+    are divided by ratio_h, the single gain upstream YOLOv5's val applies, so that val's boxes and metrics
+    equal upstream's (ratio_w differs slightly: the resized width is a whole number of pixels). Without
+    it the letterbox gain and centred padding are recomputed from the two shapes.
     """
     if ratio_pad is None:
         gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])  # new / old
-        (gain_h, gain_w), pad = (gain, gain), ((img1_shape[1] - img0_shape[1] * gain) / 2,
-                                               (img1_shape[0] - img0_shape[0] * gain) / 2)
+        pad = ((img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2)
     else:
-        (gain_h, gain_w), pad = ratio_pad
-    boxes[..., [0, 2]] = (boxes[..., [0, 2]] - pad[0]) / gain_w
-    boxes[..., [1, 3]] = (boxes[..., [1, 3]] - pad[1]) / gain_h
+        gain, pad = ratio_pad[0][0], ratio_pad[1]
+    boxes[..., [0, 2]] = (boxes[..., [0, 2]] - pad[0]) / gain
+    boxes[..., [1, 3]] = (boxes[..., [1, 3]] - pad[1]) / gain
     return clip_boxes(boxes, img0_shape)
 
 

@@ -8,6 +8,7 @@ workers hold a copy of the dataset made when an iterator starts. The loader is b
 persistent_workers=False, so the change takes effect at the next `iter(loader)` (the next epoch);
 a trainer that keeps one iterator alive across epochs must recreate it.
 """
+import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +160,9 @@ class LoadImagesAndLabels(Dataset):
         r = self.img_size / max(h0, w0)
         if r != 1:
             interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
-            im = cv2.resize(im, (max(1, round(w0 * r)), max(1, round(h0 * r))), interpolation=interp)
+            # sizes round up (upstream YOLOv5's rule, so val sees the pixels upstream's val sees); float error
+            # can leave the long side at img_size + 1 (a 147 px side at 160), letterbox then shrinks it to fit
+            im = cv2.resize(im, (max(1, math.ceil(w0 * r)), max(1, math.ceil(h0 * r))), interpolation=interp)
         return im, (h0, w0), im.shape[:2]
 
     def load_mosaic(self, index):
