@@ -33,7 +33,7 @@ import val as validate  # noqa: E402
 from utils.distill_methods import METHODS  # noqa: E402
 
 # One setting changed at a time; everything else stays at train_distill.py's defaults (neck imitation
-# through 1x1 adapters, fine mask, psi 0.5, lambda 0.01, warm-up 100).
+# through 1x1 adapters, fine mask, psi 0.5, lambda auto, warm-up 100).
 ABLATIONS = {
     "target=head": ["--distill-target", "head"],  # the benchmark's teacher has the student's nc and anchors
     "adapter=3x3": ["--distill-adapter", "3x3"],
@@ -45,7 +45,7 @@ ABLATIONS = {
     "warmup=0": ["--distill-warmup", "0"],
     "norm=pkd": ["--distill-norm", "pkd", "--distill-weight", "0.15"],  # standardised maps: ~0.15 matches cwd's ratio
     "norm=channel": ["--distill-norm", "channel"],
-    "lambda=auto": ["--distill-weight", "auto"],
+    "lambda=0.01": ["--distill-weight", "0.01"],  # the fixed weight that the 'auto' default replaced
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x10": None,
 }
@@ -138,8 +138,12 @@ def main():
         import train_distill
         lam = train_distill.parse_opt(True, []).distill_weight
     ablations = dict(ABLATIONS)
-    ablations["lambda=x0.1"] = ["--distill-weight", f"{lam * 0.1:g}"]
-    ablations["lambda=x10"] = ["--distill-weight", f"{lam * 10:g}"]
+    if lam == "auto":  # x0.1 / x10: the weighted term starts at 0.1 / 10 times the detection loss
+        ablations["lambda=x0.1"] = ["--distill-auto-ratio", "0.1"]
+        ablations["lambda=x10"] = ["--distill-auto-ratio", "10"]
+    else:
+        ablations["lambda=x0.1"] = ["--distill-weight", f"{lam * 0.1:g}"]
+        ablations["lambda=x10"] = ["--distill-weight", f"{lam * 10:g}"]
 
     methods = [m.strip() for m in opt.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)

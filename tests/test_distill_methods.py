@@ -215,6 +215,16 @@ def test_methods_warm_up_levels_autocast_and_errors(method):
         build_method("kd", [4], [6], adapter="1x1", weight=1.0, warmup=0)
 
 
+def test_fgfi_weight_is_auto_by_default_with_a_numeric_fallback_for_every_method():
+    """The default FGFI weight is set from the losses; an 'auto' weight of any method that gets no ratio falls
+    back to a number, never to the flag's own default ('auto')."""
+    from train_distill import parse_opt
+    from utils.distill_methods import FALLBACK_WEIGHTS, METHODS
+    opt = parse_opt(True, [])
+    assert opt.distill_weight == "auto" and opt.cwd_weight == 1.0 and opt.mgd_alpha == 2e-5
+    assert set(FALLBACK_WEIGHTS) == set(METHODS) and all(w > 0 for w in FALLBACK_WEIGHTS.values())
+
+
 def test_auto_weight_is_the_loss_ratio_of_the_first_iterations(logs):
     aw = AutoWeight(fallback=0.01, ratio=2.0, iters=3)
     det = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.1, 0.1]), torch.tensor([0.3, 0.0, 0.0])]

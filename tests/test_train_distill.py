@@ -34,7 +34,7 @@ def make_teacher(path, base="yolov5s.yaml", width=0.25, nc=6, anchors=None):
 def kd_run(tiny_data, tiny_cfg, tmp_path, teacher, **kw):
     args = dict(cfg=str(tiny_cfg), data=str(tiny_data), imgsz=64, batch_size=8, epochs=1, workers=0, device="cpu",
                 project=str(tmp_path / "runs"), name="kd", noplots=True, noautoanchor=True, teacher=str(teacher),
-                distill_warmup=0)
+                distill_warmup=0, distill_weight=0.01)  # a fixed weight: 'auto' weights the first iterations 0
     args.update(kw)
     return train_distill.run(**args)
 
@@ -196,7 +196,7 @@ def test_ddp_two_process_distillation(tiny_data, tiny_cfg, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
            "train_distill.py", "--cfg", str(tiny_cfg), "--data", str(tiny_data), "--imgsz", "64", "--batch-size", "8",
            "--epochs", "1", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "kd",
-           "--noplots", "--noautoanchor", "--teacher", str(teacher), "--distill-warmup", "0"]
+           "--noplots", "--noautoanchor", "--teacher", str(teacher), "--distill-warmup", "0", "--distill-weight", "0.01"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kd"]

@@ -115,7 +115,7 @@ def test_upstream_training_file_as_weights_and_teacher(upstream_best, tiny_data,
                   project=str(tmp_path / "runs"), noplots=True, noautoanchor=True)
     opt = train_distill.run(weights=str(upstream_best), name="init", **common)  # --weights: its architecture
     assert (Path(opt.save_dir) / "weights" / "last.pt").is_file()
-    opt = train_distill.run(cfg=str(tiny_cfg), teacher=str(upstream_best), distill_warmup=0, name="kd", **common)
+    opt = train_distill.run(cfg=str(tiny_cfg), teacher=str(upstream_best), distill_warmup=0, distill_weight=0.01, name="kd", **common)
     assert float(read_csv(Path(opt.save_dir) / "results.csv")[-1]["train/kd_loss"]) > 0
     assert load_checkpoint(Path(opt.save_dir) / "weights" / "last.pt")["distill"]["teacher"] == str(upstream_best)
 

@@ -30,6 +30,8 @@ from utils.logging import LOGGER
 
 METHODS = ("fgfi", "cwd", "mgd")
 WEIGHT_FLAGS = {"fgfi": "distill_weight", "cwd": "cwd_weight", "mgd": "mgd_alpha"}  # each method's lambda
+# the weight an 'auto' weight falls back to when the first iterations' losses give no ratio
+FALLBACK_WEIGHTS = {"fgfi": 0.01, "cwd": 1.0, "mgd": 2e-5}
 AUTO = "auto"
 
 
