@@ -46,6 +46,7 @@ ABLATIONS = {
     "norm=pkd": ["--distill-norm", "pkd", "--distill-weight", "0.15"],  # standardised maps: ~0.15 matches cwd's ratio
     "norm=channel": ["--distill-norm", "channel"],
     "lambda=0.01": ["--distill-weight", "0.01"],  # the fixed weight that the 'auto' default replaced
+    "auto-ratio=3": ["--distill-auto-ratio", "3"],  # the auto weight's term starts at 3x the detection loss
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x10": None,
 }
