@@ -179,7 +179,7 @@ def test_mask_chunks_and_duplicate_boxes(monkeypatch):
         whole = imitation_masks(t, ANCHORS, STRIDES, hws, 3, kind=kind)
         assert whole[0].any()
         for elements in (1, 3 * 12 * 16 * 5 + 7):  # one box per chunk; 5 boxes of P3 per chunk
-            monkeypatch.setattr(distill_mask, "MAX_ELEMENTS", elements)
+            monkeypatch.setattr(distill_mask, "MAX_ELEMENTS", {"cpu": elements, "other": elements})
             chunked = imitation_masks(t, ANCHORS, STRIDES, hws, 3, kind=kind)
             assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
         monkeypatch.undo()

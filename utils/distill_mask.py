@@ -7,7 +7,7 @@ of the level reaches with that box). Computed densely for all boxes at once, as 
   cell; their product [na, n, h, w], the intersection, divided by the least intersection whose IoU
   passes the box's threshold (`_margin`: same cells as comparing the IoU, see there); the max of that
   per image [na, batch, h, w] (union over the image's boxes); > 1 for any anchor.
-Boxes go in chunks when one level's [na, n, h, w] tensor would exceed MAX_ELEMENTS.
+Boxes go in chunks when one level's [na, n, h, w] tensor would exceed MAX_ELEMENTS (per device type).
 """
 import warnings
 
@@ -17,7 +17,9 @@ import torch
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 KINDS = ("fine", "gt", "full")
-MAX_ELEMENTS = 2 ** 23  # [na, boxes, h, w] elements per chunk: 32 MB per float32 temporary
+# [na, boxes, h, w] elements per chunk. CPU: 4 MB float32 temporaries stay in cache and off the
+# allocator's page-faulting path (2-3x faster than 32 MB ones in a training step); GPU: fewer launches.
+MAX_ELEMENTS = {"cpu": 2 ** 20, "other": 2 ** 23}
 
 
 def _check_args(targets, anchors, stride, feature_hw, batch_size, thresh, kind):
@@ -88,7 +90,7 @@ def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind
         per_image = torch.zeros(batch_size, h, w, dtype=torch.bool, device=dev)  # union of the boxes inside
     else:
         per_image = torch.zeros(len(anchors), batch_size, h, w, device=dev)  # largest margin of the boxes
-    chunk = max(1, MAX_ELEMENTS // (len(anchors) * h * w))
+    chunk = max(1, MAX_ELEMENTS["cpu" if dev.type == "cpu" else "other"] // (len(anchors) * h * w))
     for i in range(0, len(box), chunk):
         j = slice(i, i + chunk)
         x1, y1, x2, y2 = (v.view(-1, 1, 1) for v in (*lo[j].T, *hi[j].T))  # [n, 1, 1] each
