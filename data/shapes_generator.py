@@ -19,6 +19,7 @@ import argparse
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,8 +148,10 @@ def generate(out, n_train=800, n_val=200, seed=0, size=SIZE, overwrite=False, ob
             if not overwrite:
                 raise FileExistsError(f"{out / sub} exists; remove it or pass overwrite=True (--overwrite)")
             shutil.rmtree(out / sub)
-    tmp = out / f".tmp-shapes-{seed}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # a private folder per call: two runs started together (e.g. benchmark jobs side by side) each build
+    # their own copy, and the first to finish provides the set
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-shapes-{seed}-", dir=out))
     for split, n in (("train", n_train), ("val", n_val)):
         (tmp / "images" / split).mkdir(parents=True)
         (tmp / "labels" / split).mkdir(parents=True)
@@ -157,6 +160,10 @@ def generate(out, n_train=800, n_val=200, seed=0, size=SIZE, overwrite=False, ob
             cv2.imwrite(str(tmp / "images" / split / f"{i:06d}.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, 92])
             rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
             (tmp / "labels" / split / f"{i:06d}.txt").write_text(rows)
+    if any((out / sub).exists() for sub in ("images", "labels")):  # another call finished first
+        LOGGER.info(f"{out}: set already built by another process; discarding this copy")
+        shutil.rmtree(tmp)
+        return out
     for sub in ("images", "labels"):
         (tmp / sub).rename(out / sub)
     tmp.rmdir()

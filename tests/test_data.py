@@ -430,6 +430,28 @@ def test_generator_deterministic(tmp_path):
         main(["--out", str(tmp_path / "a"), "--n-train", "1", "--n-val", "1"])
 
 
+def test_generator_two_at_once(tmp_path, monkeypatch):
+    """Two runs that start together on a missing set (benchmark jobs side by side) both succeed: each
+    builds a private copy, the first to finish provides the set, the other discards its copy."""
+    import data.shapes_generator as sg
+    real = sg.make_image
+    state = {"other": False}
+
+    def make_image(*a, **k):  # halfway through, the "other process" finishes the same set
+        if not state["other"]:
+            state["other"] = True
+            monkeypatch.setattr(sg, "make_image", real)
+            sg.generate(tmp_path, n_train=2, n_val=1, seed=5, size=64)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sg, "make_image", make_image)
+    sg.generate(tmp_path, n_train=2, n_val=1, seed=5, size=64)
+    assert state["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "labels"]  # no temporary folder left
+    assert len(list((tmp_path / "images/train").glob("*.jpg"))) == 2
+    assert len(list((tmp_path / "labels/val").glob("*.txt"))) == 1
+
+
 @pytest.mark.parametrize("how", ["script", "module"])
 def test_generator_runs_as_a_script_and_as_a_module(tmp_path, how):
     root = Path(__file__).resolve().parents[1]
