@@ -11,6 +11,7 @@ Ablations (--ablations) vary one distillation setting at a time around the defau
     python benchmarks/distill_gain.py --ablation-names target=head adapter=3x3   # chosen ablations only
     python benchmarks/distill_gain.py --methods fgfi,cwd,mgd   # one row per distillation method
     python benchmarks/distill_gain.py --recipe standard --methods fgfi,cwd,mgd --jobs 2   # SGD, 40-epoch students
+    python benchmarks/distill_gain.py --recipe standard --teacher-weights benchmarks/weights/standard_teacher.pt  # its committed teacher
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md} (standard recipe: runs/benchmarks/standard/).
 Runs already finished are reused, so a long matrix can be run in parts (stop it, start it again later).
 """
@@ -84,10 +85,10 @@ def train(name, args, common, out, threads=None):
     return best, time.time() - t
 
 
-def evaluate(weights, data, imgsz):
+def evaluate(weights, data, imgsz, out, name):
     (p, r, map50, map5095, *_), _, _ = validate.run(data=data, weights=str(weights), imgsz=imgsz, batch_size=32,
-                                                    workers=2, plots=False, project=str(weights.parents[2] / "val"),
-                                                    name=weights.parents[1].name, exist_ok=True)
+                                                    workers=2, plots=False, project=str(out / "val"), name=name,
+                                                    exist_ok=True)
     return map50, map5095
 
 
@@ -102,6 +103,8 @@ def main():
     ap.add_argument("--teacher-cfg", default="yolov5s.yaml")
     ap.add_argument("--student-cfg", default="yolov5n.yaml")
     ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--teacher-weights", default=None, metavar="PT",
+                    help="use this trained teacher (e.g. benchmarks/weights/standard_teacher.pt) instead of training one")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (baseline and distilled alike)")
     ap.add_argument("--optimizer", default=None, help="every run's optimiser")
     ap.add_argument("--hyp", default=None, help="every run's hyperparameters")
@@ -131,8 +134,13 @@ def main():
     common = ["--data", opt.data, "--imgsz", str(opt.imgsz), "--batch-size", str(opt.batch_size), "--nbs", str(opt.nbs),
               "--optimizer", opt.optimizer, "--hyp", opt.hyp, "--workers", "2", "--noautoanchor", "--device", "cpu", *opt.extra]
     # AutoAnchor off: teacher and students keep the same anchors, which head imitation requires
-    teacher, t_sec = train("teacher", ["--cfg", opt.teacher_cfg, "--epochs", str(opt.teacher_epochs), "--seed", "0"],
-                           common, out)
+    if opt.teacher_weights:
+        teacher, t_sec = Path(opt.teacher_weights).resolve(), 0.0
+        if not teacher.is_file():
+            raise SystemExit(f"--teacher-weights {opt.teacher_weights}: file not found")
+    else:
+        teacher, t_sec = train("teacher", ["--cfg", opt.teacher_cfg, "--epochs", str(opt.teacher_epochs), "--seed", "0"],
+                               common, out)
     default_kd = ["--teacher", str(teacher)] + (["--distill-weight", str(opt.weight)] if opt.weight else [])
     lam = opt.weight
     if lam is None:
@@ -170,10 +178,10 @@ def main():
     with ThreadPoolExecutor(opt.jobs) as pool:  # threads only wait on child processes
         trained = list(pool.map(lambda r: train(r[2], r[3], common, out, threads), runs))
 
-    rows = [{"config": "teacher", "seed": 0, **dict(zip(("mAP50", "mAP50-95"), evaluate(teacher, opt.data, opt.imgsz))),
-             "train_s": round(t_sec)}]
-    for (cfg_name, seed, _, _), (best, sec) in zip(runs, trained):
-        m50, m = evaluate(best, opt.data, opt.imgsz)
+    t50, t = evaluate(teacher, opt.data, opt.imgsz, out, "teacher")
+    rows = [{"config": "teacher", "seed": 0, "mAP50": t50, "mAP50-95": t, "train_s": round(t_sec)}]
+    for (cfg_name, seed, name, _), (best, sec) in zip(runs, trained):
+        m50, m = evaluate(best, opt.data, opt.imgsz, out, name)
         rows.append({"config": cfg_name, "seed": seed, "mAP50": m50, "mAP50-95": m, "train_s": round(sec),
                      **loss_ratios(best.parents[1] / "results.csv")})
         print(f"{cfg_name:>16} seed {seed}: mAP50 {m50:.4f}  mAP50-95 {m:.4f}", flush=True)
@@ -203,7 +211,8 @@ def main():
         v = [(r["ratio_first"], r["ratio_last"]) for r in rows if r["config"] == cfg and r.get("ratio_first") != ""]
         return f"{statistics.mean(a for a, _ in v):.2f}x -> {statistics.mean(b for _, b in v):.2f}x" if v else ""
 
-    lines = [f"Recipe {opt.recipe}: shapes, imgsz {opt.imgsz}, teacher {opt.teacher_cfg} ({opt.teacher_epochs} epochs), students "
+    lines = [f"Recipe {opt.recipe}: shapes, imgsz {opt.imgsz}, teacher "
+             f"{opt.teacher_weights or f'{opt.teacher_cfg} ({opt.teacher_epochs} epochs)'}, students "
              f"{opt.student_cfg} ({opt.epochs} epochs, seeds {opt.seeds}), batch {opt.batch_size}, nbs {opt.nbs}, "
              f"{opt.optimizer}, {opt.hyp}, extra flags: {' '.join(opt.extra) or 'none'}; {opt.jobs} run(s) at a time; "
              f"machine: {platform.processor() or platform.machine()}, CPU only.",
