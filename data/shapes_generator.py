@@ -152,21 +152,24 @@ def generate(out, n_train=800, n_val=200, seed=0, size=SIZE, overwrite=False, ob
     # a private folder per call: two runs started together (e.g. benchmark jobs side by side) each build
     # their own copy, and the first to finish provides the set
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-shapes-{seed}-", dir=out))
-    for split, n in (("train", n_train), ("val", n_val)):
-        (tmp / "images" / split).mkdir(parents=True)
-        (tmp / "labels" / split).mkdir(parents=True)
-        for i in range(n):
-            im, labels = make_image(seed, split, i, size, obj_size, max_objects)
-            cv2.imwrite(str(tmp / "images" / split / f"{i:06d}.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
-            (tmp / "labels" / split / f"{i:06d}.txt").write_text(rows)
-    if any((out / sub).exists() for sub in ("images", "labels")):  # another call finished first
-        LOGGER.info(f"{out}: set already built by another process; discarding this copy")
-        shutil.rmtree(tmp)
-        return out
-    for sub in ("images", "labels"):
-        (tmp / sub).rename(out / sub)
-    tmp.rmdir()
+    try:
+        for split, n in (("train", n_train), ("val", n_val)):
+            (tmp / "images" / split).mkdir(parents=True)
+            (tmp / "labels" / split).mkdir(parents=True)
+            for i in range(n):
+                im, labels = make_image(seed, split, i, size, obj_size, max_objects)
+                cv2.imwrite(str(tmp / "images" / split / f"{i:06d}.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, 92])
+                rows = "".join(f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
+                (tmp / "labels" / split / f"{i:06d}.txt").write_text(rows)
+        for sub in ("images", "labels"):
+            try:
+                (tmp / sub).rename(out / sub)
+            except OSError:  # the target exists and is not empty: another call finished first
+                if not (out / sub).is_dir():
+                    raise
+                LOGGER.info(f"{out / sub}: already built by another process; discarding this copy")
+    finally:  # also after an error or Ctrl-C: no temporary copy is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

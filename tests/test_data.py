@@ -452,6 +452,19 @@ def test_generator_two_at_once(tmp_path, monkeypatch):
     assert len(list((tmp_path / "labels/val").glob("*.txt"))) == 1
 
 
+def test_generator_failure_leaves_nothing(tmp_path, monkeypatch):
+    """A generation that fails halfway leaves neither a half-made set nor its temporary copy."""
+    import data.shapes_generator as sg
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sg, "make_image", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sg.generate(tmp_path, n_train=2, n_val=1, seed=5, size=64)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("how", ["script", "module"])
 def test_generator_runs_as_a_script_and_as_a_module(tmp_path, how):
     root = Path(__file__).resolve().parents[1]
