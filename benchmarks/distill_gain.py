@@ -86,10 +86,9 @@ def train(name, args, common, out, threads=None):
 
 
 def evaluate(weights, data, imgsz, out, name):
-    (p, r, map50, map5095, *_), _, _ = validate.run(data=data, weights=str(weights), imgsz=imgsz, batch_size=32,
-                                                    workers=2, plots=False, project=str(out / "val"), name=name,
-                                                    exist_ok=True)
-    return map50, map5095
+    m = validate.run(data=data, weights=str(weights), imgsz=imgsz, batch_size=32, workers=2, plots=False,
+                     project=str(out / "val"), name=name, exist_ok=True).metrics
+    return m.map50, m.map
 
 
 def main():
