@@ -241,15 +241,25 @@ def prepare_run_dir(opt, save_dir, hyp, dataset, labels, model, names, imgsz):
     model.half().float()  # pre-reduce anchor precision, as the saved fp16 checkpoints will hold them
 
 
+def use_sync_batchnorm(model, device) -> bool:
+    """--sync-bn under DDP: the student's BN layers, replaced in place, normalise over all ranks' batches.
+    torch computes SyncBatchNorm on accelerators only, so on the CPU each rank keeps its own statistics."""
+    if device.type == "cpu":
+        LOGGER.warning("WARNING ⚠️ --sync-bn: SyncBatchNorm needs a GPU; on the CPU each rank normalises its own batch")
+        return False
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    LOGGER.info("using SyncBatchNorm()")
+    return True
+
+
 def build_step_module(opt, model, imitation, device) -> nn.Module:
     """What a step runs forward: the student with its imitation term, as one DDP module across ranks."""
     step_module = StudentWithImitation(model, imitation, opt.distill_target)
     if RANK == -1:
         return step_module
-    if opt.sync_bn:
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the student's BN layers in place
-        LOGGER.info("using SyncBatchNorm()")
     cuda = device.type == "cuda"
+    if opt.sync_bn:
+        use_sync_batchnorm(model, device)
     return nn.parallel.DistributedDataParallel(step_module, device_ids=[LOCAL_RANK] if cuda else None,
                                                output_device=LOCAL_RANK if cuda else None)
 

@@ -135,12 +135,28 @@ def test_ddp_two_process_gloo(tiny_data, tiny_cfg, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "train_distill.py", "--cfg", str(tiny_cfg), "--data", str(tiny_data), "--imgsz", "64", "--batch-size", "8",
            "--epochs", "1", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "ddp",
-           "--noplots", "--noautoanchor"]
+           "--noplots", "--noautoanchor", "--sync-bn"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SyncBatchNorm needs a GPU" in r.stdout + r.stderr  # --sync-bn on CPU ranks: warned, not a crash
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["ddp"]  # rank 1 made no run folder of its own
     d = tmp_path / "runs" / "ddp"
     assert (d / "weights/last.pt").is_file()
     assert len(list(d.glob("events.out.tfevents*"))) == 1  # one writer: rank 0
     assert len(read_csv(d / "results.csv")) == 1
+
+
+def test_sync_batchnorm_converts_on_gpu_only(tiny_cfg):
+    """--sync-bn swaps every BN layer of the student for SyncBatchNorm on a GPU; torch's SyncBatchNorm raises
+    on CPU tensors under DDP, so on the CPU the model keeps its BatchNorm2d layers."""
+    from models.yolo import DetectionModel
+
+    def bn_kinds(m):
+        return {type(x) for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)}
+
+    model = DetectionModel(str(tiny_cfg), nc=2)
+    assert not train_distill.use_sync_batchnorm(model, torch.device("cpu"))
+    assert bn_kinds(model) == {torch.nn.BatchNorm2d}
+    assert train_distill.use_sync_batchnorm(model, torch.device("cuda"))  # conversion itself needs no GPU
+    assert bn_kinds(model) == {torch.nn.SyncBatchNorm}
