@@ -563,9 +563,11 @@ def parse_opt(known: bool = False, argv=None):
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
     kd.add_argument("--teacher-changed-ok", action="store_true",
                     help="--resume even though the teacher file changed since the run started (both are recorded)")
-    kd.add_argument("--distill-norm", choices=["none", "channel", "pkd"], default="none",
+    kd.add_argument("--distill-norm", choices=["none", "channel", "pkd", "kl"], default="none",
                     help="divide each level's FGFI term by its channel count (channel), or standardise each "
-                         "channel of both maps first and then divide (pkd: independent of the teacher's scale)")
+                         "channel of both maps first and then divide (pkd: independent of the teacher's scale), "
+                         "or replace the squared error by a KL divergence of each channel's softmax over the "
+                         "masked cells (kl: CWD's term at the FGFI mask)")
     kd.add_argument("--distill-method", choices=METHODS, default="fgfi",
                     help="fgfi: masked feature imitation (the --distill-mask/thresh/assign/norm flags); cwd: "
                          "channel-wise distillation (Shu et al. 2021); mgd: masked generative distillation "

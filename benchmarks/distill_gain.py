@@ -45,9 +45,13 @@ ABLATIONS = {
     "assign=on": ["--distill-assign"],
     "warmup=0": ["--distill-warmup", "0"],
     "norm=pkd": ["--distill-norm", "pkd", "--distill-weight", "0.15"],  # standardised maps: ~0.15 matches cwd's ratio
+    "norm=kl": ["--distill-norm", "kl"],
+    "norm=kl-w1": ["--distill-norm", "kl", "--distill-weight", "1"],  # cwd's fixed weight
     "norm=channel": ["--distill-norm", "channel", "--distill-weight", "1"],  # a fixed weight: auto would undo the /C
     "lambda=0.01": ["--distill-weight", "0.01"],  # the fixed weight that the 'auto' default replaced
     "auto-ratio=3": ["--distill-auto-ratio", "3"],  # the auto weight's term starts at 3x the detection loss
+    "cwd-weight=3": ["--distill-method", "cwd", "--cwd-weight", "3"],
+    "cwd-tau=4": ["--distill-method", "cwd", "--cwd-tau", "4"],
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x10": None,
 }

@@ -16,7 +16,7 @@ from models.checkpoint import load_checkpoint
 from tests.conftest import killed_after_first_epoch, read_csv, resume_recording_loaded_state
 from tests.test_train_distill import kd_run, make_teacher
 from utils import distill_setup
-from utils.distill import build_adapters, imitation_loss, standardize_channels
+from utils.distill import FeatureImitation, build_adapters, imitation_loss, standardize_channels
 from utils.distill_methods import (AutoWeight, ChannelWiseDistillation, MaskedGenerativeDistillation, build_method,
                                    weight_arg)
 
@@ -98,6 +98,51 @@ def test_pkd_gradients_reach_student_and_adapter_not_teacher():
     loss.backward()
     assert all(m.weight.grad.abs().sum() > 0 for m in student) and all(a.weight.grad.abs().sum() > 0 for a in adapters)
     assert all(m.weight.grad is None for m in teacher)
+
+
+# ---------------------------------------------------------------------------------- FGFI with norm 'kl'
+
+def test_kl_norm_value_by_hand_softmax_over_masked_cells_only():
+    """Per image and channel, softmax over that image's masked cells; an image without masked cells does not
+    count in N. A softmax over all cells (CWD's) gives another value."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, 2, 2, 3, generator=g), torch.randn(3, 2, 2, 3, generator=g) * 3
+    m = torch.zeros(3, 2, 3, dtype=torch.bool)
+    m[0, 0, 0] = m[0, 1, 2] = m[0, 1, 1] = True
+    m[2] = True  # image 1: no masked cell
+    loss, per_level = imitation_loss([s], [t], [m], build_adapters([2], [2], "none"), normalize="kl")
+    sd, td = s.double().numpy(), t.double().numpy()
+    want = 0.0
+    for i in (0, 2):
+        cells = np.nonzero(m[i].numpy().ravel())[0]
+        want += np_cwd(sd[i:i + 1].reshape(1, 2, -1)[:, :, cells], td[i:i + 1].reshape(1, 2, -1)[:, :, cells], 1.0)
+    want /= 2  # np_cwd divides by C * 1 per image; two images count
+    assert loss.item() == pytest.approx(want, rel=1e-5) and per_level.tolist() == pytest.approx([want], rel=1e-5)
+    assert loss.item() != pytest.approx(np_cwd(sd[[0, 2]], td[[0, 2]], 1.0), rel=1e-3)
+    # a constant offset of the teacher changes nothing; no masked cell anywhere: 0, still connected
+    assert imitation_loss([s], [t + 4], [m], build_adapters([2], [2], "none"), "kl")[0].item() == pytest.approx(
+        want, rel=1e-4)
+    leaf = s.clone().requires_grad_()
+    zero, _ = imitation_loss([leaf], [t], [torch.zeros_like(m)], build_adapters([2], [2], "none"), "kl")
+    zero.backward()
+    assert zero.item() == 0 and leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_kl_norm_gradients_only_at_masked_cells_and_never_the_teacher():
+    student, teacher, s, t = _maps()
+    adapters = build_adapters([4, 8], [6, 12], "1x1")
+    masks = [torch.rand(2, 8, 8) > 0.5, torch.rand(2, 4, 4) > 0.5]
+    masks[1][1] = False  # image 1 of level 1 has no masked cell
+    leaves = [x.detach().requires_grad_() for x in s]
+    loss, _ = imitation_loss(leaves, t, masks, adapters, normalize="kl")
+    loss.backward()
+    for leaf, m in zip(leaves, masks):
+        g = leaf.grad.abs().sum(1)  # [N, H, W]
+        assert torch.isfinite(leaf.grad).all() and (g[~m] == 0).all() and (g[m] > 0).any()
+    assert all(a.weight.grad.abs().sum() > 0 for a in adapters)
+    assert all(m.weight.grad is None for m in teacher)
+    imitation_loss(s, t, masks, adapters, normalize="kl")[0].backward()
+    assert all(m.weight.grad.abs().sum() > 0 for m in student)
 
 
 # ------------------------------------------------------------------------------------------------- CWD
@@ -320,6 +365,7 @@ def test_method_flags_reach_the_terms(tmp_path):
              lambda m: isinstance(m, ChannelWiseDistillation) and (m.tau, m.weight) == (3.0, 0.7)),
             (["--distill-method", "mgd", "--mgd-ratio", "0.5", "--mgd-alpha", "auto"],
              lambda m: isinstance(m, MaskedGenerativeDistillation) and (m.ratio, m.weight) == (0.5, 0.0)),
+            (["--distill-norm", "kl"], lambda m: isinstance(m, FeatureImitation) and m.normalize == "kl"),
             (["--distill-method", "mgd", "--distill-target", "head"],
              lambda m: all(isinstance(a, nn.Identity) for a in m.align) and m.weight == 2e-5)):
         opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64", *argv])

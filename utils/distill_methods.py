@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.distill import build_adapters
+from utils.distill import build_adapters, channel_kl
 from utils.logging import LOGGER
 
 METHODS = ("fgfi", "cwd", "mgd")
@@ -48,14 +48,6 @@ def weight_arg(value):
     return w
 
 
-def cwd_level_loss(s, t, tau=1.0):
-    """tau^2 * sum_{n, c} KL(softmax(t[n, c] / tau) || softmax(s[n, c] / tau)) / (C * N), softmax over the H*W
-    cells; s (already adapted) and t [N, C, H, W] of equal shape."""
-    n, c = t.shape[:2]
-    log_p_t = F.log_softmax(t.flatten(2) / tau, dim=-1)
-    log_p_s = F.log_softmax(s.flatten(2) / tau, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return kl * (tau * tau) / (c * n)
 
 
 def mgd_level_loss(s, t, generate, keep):
@@ -116,7 +108,7 @@ class ChannelWiseDistillation(_ImitationTerm):
         a = self.adapters[k](s)
         if a.shape[1] != t.shape[1]:
             raise ValueError(f"adapted student has {a.shape[1]} channels, teacher {t.shape[1]}")
-        return cwd_level_loss(a, t, self.tau)
+        return channel_kl(a, t, self.tau)
 
 
 class MaskedGenerativeDistillation(_ImitationTerm):
