@@ -32,7 +32,8 @@ from utils.augmentations import check_img_size
 from utils.autoanchor import check_anchors
 from utils.data_config import check_dataset
 from utils.dataloaders import create_dataloader
-from utils.distill_methods import AUTO, FALLBACK_WEIGHTS, METHODS, WEIGHT_FLAGS, AutoWeight, weight_arg
+from utils.distill_methods import AUTO, FALLBACK_WEIGHTS, FGFI_KL_WEIGHT, METHODS, WEIGHT_FLAGS, AutoWeight, \
+    fgfi_weight, weight_arg
 from utils.distill_setup import DISTILL_WARMUP, Distillation, StudentWithImitation, build_imitation, \
     check_image_size_vs_teacher, distill_record, distill_warmup, file_sha256, load_teacher
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
@@ -154,7 +155,9 @@ def setup_distillation(opt, model, ckpt, imgsz, anchor_t, device) -> Distillatio
     weight_flag = WEIGHT_FLAGS[opt.distill_method]
     auto_weight = None
     if getattr(opt, weight_flag) == AUTO:
-        auto_weight = AutoWeight(FALLBACK_WEIGHTS[opt.distill_method], opt.distill_auto_ratio, opt.distill_auto_iters)
+        fallback = FGFI_KL_WEIGHT if (opt.distill_method, opt.distill_norm) == ("fgfi", "kl") \
+            else FALLBACK_WEIGHTS[opt.distill_method]
+        auto_weight = AutoWeight(fallback, opt.distill_auto_ratio, opt.distill_auto_iters)
     return Distillation(teacher, levels, opt.distill_target, imitation, auto_weight, weight_flag, opt)
 
 
@@ -548,12 +551,13 @@ def parse_opt(known: bool = False, argv=None):
     kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
                     help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
-    # auto: the FGFI term's raw scale follows the teacher's feature magnitudes and channels, so a fixed lambda
-    # fit to one teacher over- or under-weights the next; on the shapes benchmark 'auto' closed more of the
-    # gap than 0.01 with a weak and a stronger teacher (benchmarks/results/weak_teacher.md, short_recipe.md)
-    kd.add_argument("--distill-weight", type=weight_arg, default=AUTO,
-                    help="lambda: weight of the FGFI imitation loss, or 'auto' (default: set once so the weighted "
-                         "term starts at --distill-auto-ratio x the detection loss)")
+    # The default term (norm 'kl') is scale-free, so one fixed lambda suits every teacher; the squared error's
+    # raw scale follows the teacher's feature magnitudes and channels, so there 'auto' sets lambda from the
+    # losses (benchmarks/results/standard_recipe_kl.md, short_recipe_kl.md)
+    kd.add_argument("--distill-weight", type=weight_arg, default=None,
+                    help="lambda: weight of the FGFI imitation loss, or 'auto': set once so the weighted term starts "
+                         "at --distill-auto-ratio x the detection loss (default: "
+                         f"{FGFI_KL_WEIGHT} with --distill-norm kl, auto with the other norms)")
     kd.add_argument("--distill-warmup", type=int, default=None,
                     help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's minimum "
                          f"LR warm-up, or half the run's iterations when it is shorter than {2 * DISTILL_WARMUP})")
@@ -563,11 +567,11 @@ def parse_opt(known: bool = False, argv=None):
                     help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
     kd.add_argument("--teacher-changed-ok", action="store_true",
                     help="--resume even though the teacher file changed since the run started (both are recorded)")
-    kd.add_argument("--distill-norm", choices=["none", "channel", "pkd", "kl"], default="none",
-                    help="divide each level's FGFI term by its channel count (channel), or standardise each "
-                         "channel of both maps first and then divide (pkd: independent of the teacher's scale), "
-                         "or replace the squared error by a KL divergence of each channel's softmax over the "
-                         "masked cells (kl: CWD's term at the FGFI mask)")
+    kd.add_argument("--distill-norm", choices=["kl", "none", "channel", "pkd"], default="kl",
+                    help="kl (default): per image and channel, KL divergence between the softmax of the teacher "
+                         "and of the adapted student over the masked cells (CWD's term at the FGFI mask); none: "
+                         "the paper's squared error; channel: that divided by the channel count; pkd: each "
+                         "channel of both maps standardised first, then divided by the channel count")
     kd.add_argument("--distill-method", choices=METHODS, default="fgfi",
                     help="fgfi: masked feature imitation (the --distill-mask/thresh/assign/norm flags); cwd: "
                          "channel-wise distillation (Shu et al. 2021); mgd: masked generative distillation "
@@ -603,7 +607,8 @@ def resolve_resume(opt):
     if ckpt.get("optimizer") is None:
         raise ValueError(f"--resume {last}: the optimiser state was stripped (training finished); nothing to resume")
     keep = {"device": opt.device, "workers": opt.workers, "teacher_changed_ok": opt.teacher_changed_ok}
-    opt = argparse.Namespace(**{**vars(parse_opt(True, [])), **ckpt["opt"]})
+    # a run from before --distill-norm existed used the squared error, today's 'none'
+    opt = argparse.Namespace(**{**vars(parse_opt(True, [])), "distill_norm": "none", **ckpt["opt"]})
     opt.device, opt.workers, opt.teacher_changed_ok = keep["device"], keep["workers"], keep["teacher_changed_ok"]
     check_resumed_teacher(opt, ckpt, last)
     opt.weights, opt.resume, opt.cfg = str(last), True, ""
@@ -642,6 +647,7 @@ def main(opt):
         hyp = yaml_load(find_file(opt.hyp)) if not isinstance(opt.hyp, dict) else dict(opt.hyp)
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     opt.hyp = hyp.copy()  # record the unscaled hyp with the run's arguments
+    opt.distill_weight = fgfi_weight(opt.distill_weight, opt.distill_norm)
     if opt.teacher and opt.distill_target == "head" and opt.distill_adapter not in ("3x3", "1x1"):
         raise ValueError(f"unknown --distill-adapter {opt.distill_adapter}")
 

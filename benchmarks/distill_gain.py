@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import val as validate  # noqa: E402
-from utils.distill_methods import METHODS  # noqa: E402
+from utils.distill_methods import METHODS, fgfi_weight  # noqa: E402
 
 # One setting changed at a time; everything else stays at train_distill.py's defaults (neck imitation
-# through 1x1 adapters, fine mask, psi 0.5, lambda auto, warm-up 100).
+# through 1x1 adapters, fine mask, psi 0.5, norm kl with lambda 1, warm-up 100). 'mse-*': the paper's
+# squared error (--distill-norm none) with one setting changed.
 ABLATIONS = {
     "target=head": ["--distill-target", "head"],  # the benchmark's teacher has the student's nc and anchors
     "adapter=3x3": ["--distill-adapter", "3x3"],
@@ -44,15 +45,18 @@ ABLATIONS = {
     "psi=0.7": ["--distill-thresh", "0.7"],
     "assign=on": ["--distill-assign"],
     "warmup=0": ["--distill-warmup", "0"],
+    "norm=kl-auto": ["--distill-weight", "auto"],  # kl with its lambda set from the losses
+    "norm=none": ["--distill-norm", "none"],  # the squared error, lambda auto
     "norm=pkd": ["--distill-norm", "pkd", "--distill-weight", "0.15"],  # standardised maps: ~0.15 matches cwd's ratio
-    "norm=kl": ["--distill-norm", "kl"],
-    "norm=kl-w1": ["--distill-norm", "kl", "--distill-weight", "1"],  # cwd's fixed weight
     "norm=channel": ["--distill-norm", "channel", "--distill-weight", "1"],  # a fixed weight: auto would undo the /C
-    "lambda=0.01": ["--distill-weight", "0.01"],  # the fixed weight that the 'auto' default replaced
-    "auto-ratio=3": ["--distill-auto-ratio", "3"],  # the auto weight's term starts at 3x the detection loss
+    "mse-lambda=0.01": ["--distill-norm", "none", "--distill-weight", "0.01"],  # the paper's lambda
+    "mse-auto-ratio=3": ["--distill-norm", "none", "--distill-auto-ratio", "3"],  # auto term at 3x the detection loss
+    "mse-auto-ratio=10": ["--distill-norm", "none", "--distill-auto-ratio", "10"],
+    "mse-mask=full": ["--distill-norm", "none", "--distill-mask", "full"],
     "cwd-weight=3": ["--distill-method", "cwd", "--cwd-weight", "3"],
     "cwd-tau=4": ["--distill-method", "cwd", "--cwd-tau", "4"],
     "lambda=x0.1": None,  # filled from --weight below
+    "lambda=x3": None,
     "lambda=x10": None,
 }
 
@@ -148,13 +152,16 @@ def main():
     lam = opt.weight
     if lam is None:
         import train_distill
-        lam = train_distill.parse_opt(True, []).distill_weight
+        defaults = train_distill.parse_opt(True, [])
+        lam = fgfi_weight(defaults.distill_weight, defaults.distill_norm)
     ablations = dict(ABLATIONS)
     if lam == "auto":  # x0.1 / x10: the weighted term starts at 0.1 / 10 times the detection loss
         ablations["lambda=x0.1"] = ["--distill-auto-ratio", "0.1"]
+        ablations["lambda=x3"] = ["--distill-auto-ratio", "3"]
         ablations["lambda=x10"] = ["--distill-auto-ratio", "10"]
     else:
         ablations["lambda=x0.1"] = ["--distill-weight", f"{lam * 0.1:g}"]
+        ablations["lambda=x3"] = ["--distill-weight", f"{lam * 3:g}"]
         ablations["lambda=x10"] = ["--distill-weight", f"{lam * 10:g}"]
 
     methods = [m.strip() for m in opt.methods.split(",") if m.strip()]

@@ -18,7 +18,7 @@ from tests.test_train_distill import kd_run, make_teacher
 from utils import distill_setup
 from utils.distill import FeatureImitation, build_adapters, imitation_loss, standardize_channels
 from utils.distill_methods import (AutoWeight, ChannelWiseDistillation, MaskedGenerativeDistillation, build_method,
-                                   weight_arg)
+                                   fgfi_weight, weight_arg)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,13 +260,16 @@ def test_methods_warm_up_levels_autocast_and_errors(method):
         build_method("kd", [4], [6], adapter="1x1", weight=1.0, warmup=0)
 
 
-def test_fgfi_weight_is_auto_by_default_with_a_numeric_fallback_for_every_method():
+def test_fgfi_weight_default_follows_the_norm_with_a_numeric_fallback_for_every_method():
     """The default FGFI weight is set from the losses; an 'auto' weight of any method that gets no ratio falls
     back to a number, never to the flag's own default ('auto')."""
     from train_distill import parse_opt
     from utils.distill_methods import FALLBACK_WEIGHTS, METHODS
     opt = parse_opt(True, [])
-    assert opt.distill_weight == "auto" and opt.cwd_weight == 1.0 and opt.mgd_alpha == 2e-5
+    assert opt.distill_norm == "kl" and opt.cwd_weight == 1.0 and opt.mgd_alpha == 2e-5
+    # FGFI's lambda: 1.0 for the scale-free kl term, auto for the squared error, as given otherwise
+    assert opt.distill_weight is None and fgfi_weight(None, "kl") == 1.0 and fgfi_weight(None, "none") == "auto"
+    assert fgfi_weight(0.02, "kl") == 0.02 and fgfi_weight("auto", "kl") == "auto"
     assert set(FALLBACK_WEIGHTS) == set(METHODS) and all(w > 0 for w in FALLBACK_WEIGHTS.values())
 
 
@@ -328,6 +331,20 @@ def test_method_run_with_p6_teacher_of_other_nc_resumes_and_leaves_a_plain_stude
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(d / "weights" / name)
         assert ckpt["model"].keys() == plain_keys and ckpt["adapters"] is None
+
+
+@pytest.mark.slow
+def test_default_fgfi_term_is_kl_with_lambda_1_and_the_squared_error_gets_auto(tiny_data, tiny_cfg, tmp_path, logs):
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, distill_weight=None, name="kl")
+    ckpt = torch.load(Path(opt.save_dir) / "weights" / "last.pt", weights_only=True)
+    assert ckpt["opt"]["distill_weight"] == 1.0 and ckpt["distill"]["normalize"] == "kl"
+    assert float(read_csv(Path(opt.save_dir) / "results.csv")[-1]["train/kd_loss"]) > 0
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, distill_weight=None, distill_norm="none",
+                 distill_auto_iters=1, name="mse")
+    ckpt = torch.load(Path(opt.save_dir) / "weights" / "last.pt", weights_only=True)
+    assert ckpt["distill"]["normalize"] == "none" and ckpt["opt"]["distill_weight"] not in (None, 1.0, "auto")
+    assert sum("--distill-weight auto set to" in m for m in logs) == 1
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Fine-grained Feature Imitation (Wang et al., CVPR 2019): adaptation layers, loss, FeatureImitation.
 
 The student imitates the teacher's neck features (the maps Detect consumes) only at the cells near
-objects, given by the imitation masks of utils/distill_mask.py (re-exported here). The imitation loss is
-the squared error between adapt(student) and teacher over masked cells and channels, divided by
-2 * (number of masked cells).
+objects, given by the imitation masks of utils/distill_mask.py (re-exported here). The paper's imitation
+loss is the squared error between adapt(student) and teacher over masked cells and channels, divided by
+2 * (number of masked cells); the trainer's default (normalize='kl') instead compares each channel's
+softmax over the masked cells of an image, in KL divergence (see imitation_loss).
 """
 import torch
 import torch.nn as nn

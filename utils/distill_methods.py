@@ -33,6 +33,15 @@ WEIGHT_FLAGS = {"fgfi": "distill_weight", "cwd": "cwd_weight", "mgd": "mgd_alpha
 # the weight an 'auto' weight falls back to when the first iterations' losses give no ratio
 FALLBACK_WEIGHTS = {"fgfi": 0.01, "cwd": 1.0, "mgd": 2e-5}
 AUTO = "auto"
+FGFI_KL_WEIGHT = 1.0  # FGFI's lambda under --distill-norm kl unless given
+
+
+def fgfi_weight(weight, norm):
+    """FGFI's lambda: as given, else FGFI_KL_WEIGHT for the scale-free 'kl' term and 'auto' for the squared
+    error, whose scale follows the teacher's features."""
+    if weight is not None:
+        return weight
+    return FGFI_KL_WEIGHT if norm == "kl" else AUTO
 
 
 def weight_arg(value):

@@ -11,7 +11,7 @@ import torch.nn as nn
 from models.checkpoint import load_model
 from models.yolo import DetectionModel
 from utils.distill import FeatureImitation
-from utils.distill_methods import AUTO, WEIGHT_FLAGS, AutoWeight, build_method
+from utils.distill_methods import AUTO, WEIGHT_FLAGS, AutoWeight, build_method, fgfi_weight
 from utils.logging import LOGGER, colorstr
 
 
@@ -93,6 +93,8 @@ def build_imitation(opt, student: DetectionModel, teacher: nn.Module, levels: li
         student_ch = [m.in_channels for m in s_det.m]
         teacher_ch = [t_det.m[j].in_channels for j in levels]
     weight = getattr(opt, WEIGHT_FLAGS[opt.distill_method])
+    if opt.distill_method == "fgfi":
+        weight = fgfi_weight(weight, opt.distill_norm)
     weight = 0.0 if weight == AUTO else weight
     adapter = "none" if opt.distill_target == "head" else opt.distill_adapter
     if opt.distill_method != "fgfi":
