@@ -55,6 +55,7 @@ ABLATIONS = {
     "mse-mask=full": ["--distill-norm", "none", "--distill-mask", "full"],
     "cwd-weight=3": ["--distill-method", "cwd", "--cwd-weight", "3"],
     "cwd-tau=4": ["--distill-method", "cwd", "--cwd-tau", "4"],
+    "mgd-alpha=auto": ["--distill-method", "mgd", "--mgd-alpha", "auto"],
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x3": None,
     "lambda=x10": None,
