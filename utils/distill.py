@@ -78,26 +78,29 @@ def adapt_at(adapt, s, b, y, x):
 NORMS = (None, "channel", "pkd", "kl")
 
 
-def channel_kl(s, t, tau=1.0, mask=None):
+def channel_kl(s, t, tau=1.0):
     """tau^2 * sum_{n, c} KL(softmax(t[n, c] / tau) || softmax(s[n, c] / tau)) / (C * N), each channel's softmax
-    over the cells of its image, for s and t [N, C, H, W] of equal shape (CWD's loss of one level).
-
-    mask (bool [N, H, W]): the softmax of an image runs over its masked cells only, and N counts the images
-    with at least one masked cell (no such image: a 0 still connected to s)."""
-    if mask is not None:
-        keep = mask.flatten(1).any(1)
-        s, t, cells = s[keep], t[keep], mask[keep].flatten(1)[:, None]  # cells [N', 1, H*W]
+    over the cells of its image, for s and t [N, C, H, W] of equal shape (CWD's loss of one level)."""
     n, c = t.shape[:2]
+    log_p_t = F.log_softmax(t.flatten(2) / tau, dim=-1)
+    log_p_s = F.log_softmax(s.flatten(2) / tau, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum() * (tau * tau) / (c * n)
+
+
+def masked_channel_kl(a, t, b, batch_size):
+    """channel_kl with each image's softmax over its masked cells only, from the cells themselves: a and t
+    [N_p, C] (adapted student and teacher at the masked cells), b [N_p] their image indices. N counts the
+    images with a masked cell; no masked cell at all gives a 0 still connected to a."""
+    def log_softmax_per_image(v):
+        peak = v.new_zeros(batch_size, v.shape[1]).index_reduce_(0, b, v.detach(), "amax", include_self=False)
+        z = v - peak[b]  # the softmax ignores the shift; it keeps exp() in range
+        return z - v.new_zeros(batch_size, v.shape[1]).index_add_(0, b, z.exp()).log()[b]
+
+    n = int(torch.unique(b).numel())  # one host sync per level, as the squared error's N_p
     if n == 0:
-        return s.sum() * 0.0
-    s, t = s.flatten(2) / tau, t.flatten(2) / tau
-    if mask is not None:
-        s, t = s.masked_fill(~cells, float("-inf")), t.masked_fill(~cells, float("-inf"))
-    log_p_t, log_p_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
-    kl = log_p_t.exp() * (log_p_t - log_p_s)
-    if mask is not None:
-        kl = torch.where(cells, kl, 0.0)  # outside the mask both log-probabilities are -inf
-    return kl.sum() * (tau * tau) / (c * n)
+        return a.sum() * 0.0
+    log_p_t, log_p_s = log_softmax_per_image(t), log_softmax_per_image(a)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum() / (t.shape[1] * n)
 
 
 def standardize_channels(x, eps=1e-5):
@@ -119,9 +122,9 @@ def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None
     it is the mean over channels of 1 - the Pearson correlation of the two maps: 0 to 2).
     normalize='kl' replaces the squared error by CWD's divergence restricted to the mask: per image and
     channel, softmax over the image's masked cells of adapt(s) and of t, KL(teacher || student), divided by
-    channels * images with a masked cell (channel_kl); it depends on neither the feature scale nor the channel
-    count. The adapter is evaluated at the masked cells only (adapt_at), except under 'pkd' and 'kl', which
-    need the whole adapted map.
+    channels * images with a masked cell (masked_channel_kl); it depends on neither the feature scale nor the
+    channel count. The adapter is evaluated at the masked cells only (adapt_at), except under 'pkd', which
+    standardises the whole adapted map.
     Returns (loss scalar, per_level detached [nl]).
     """
     if normalize not in NORMS:
@@ -135,13 +138,6 @@ def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None
         if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:] or m.shape != (t.shape[0], *t.shape[2:]):
             raise ValueError(f"shapes differ: student {tuple(s.shape)}, teacher {tuple(t.shape)}, "
                              f"mask {tuple(m.shape)}")
-        if normalize == "kl":
-            with torch.autocast(device_type=s.device.type, enabled=False):
-                a = adapt(s.float())
-            if a.shape[1] != t.shape[1]:
-                raise ValueError(f"adapted student has {a.shape[1]} channels, teacher {t.shape[1]}")
-            terms.append(channel_kl(a, t, mask=m))
-            continue
         b, y, x = m.nonzero(as_tuple=True)  # one host sync per level: the number of masked cells
         with torch.autocast(device_type=s.device.type, enabled=False):
             if normalize == "pkd":
@@ -150,6 +146,9 @@ def imitation_loss(student_feats, teacher_feats, masks, adapters, normalize=None
                 a = adapt_at(adapt, s.float(), b, y, x)  # [N_p, C_t]
         if a.shape[1] != t.shape[1]:
             raise ValueError(f"adapted student has {a.shape[1]} channels, teacher {t.shape[1]}")
+        if normalize == "kl":
+            terms.append(masked_channel_kl(a, t[b, :, y, x], b, t.shape[0]))
+            continue
         sq = (a - t[b, :, y, x]).pow(2).sum()  # no masked cell: an empty sum, 0 still connected to s and adapt
         term = sq / (2 * max(b.numel(), 1))
         terms.append(term if normalize is None else term / t.shape[1])  # channel, pkd
