@@ -32,7 +32,7 @@ from utils.augmentations import check_img_size
 from utils.autoanchor import check_anchors
 from utils.data_config import check_dataset
 from utils.dataloaders import create_dataloader
-from utils.distill_methods import AUTO, FALLBACK_WEIGHTS, FGFI_KL_WEIGHT, METHODS, WEIGHT_FLAGS, AutoWeight, \
+from utils.distill_methods import AUTO, FGFI_KL_WEIGHT, METHODS, WEIGHT_FLAGS, AutoWeight, fallback_weight, \
     fgfi_weight, weight_arg
 from utils.distill_setup import DISTILL_WARMUP, Distillation, StudentWithImitation, build_imitation, \
     check_image_size_vs_teacher, distill_record, distill_warmup, file_sha256, load_teacher
@@ -155,9 +155,8 @@ def setup_distillation(opt, model, ckpt, imgsz, anchor_t, device) -> Distillatio
     weight_flag = WEIGHT_FLAGS[opt.distill_method]
     auto_weight = None
     if getattr(opt, weight_flag) == AUTO:
-        fallback = FGFI_KL_WEIGHT if (opt.distill_method, opt.distill_norm) == ("fgfi", "kl") \
-            else FALLBACK_WEIGHTS[opt.distill_method]
-        auto_weight = AutoWeight(fallback, opt.distill_auto_ratio, opt.distill_auto_iters)
+        auto_weight = AutoWeight(fallback_weight(opt.distill_method, opt.distill_norm), opt.distill_auto_ratio,
+                                 opt.distill_auto_iters)
     return Distillation(teacher, levels, opt.distill_target, imitation, auto_weight, weight_flag, opt)
 
 
@@ -248,7 +247,8 @@ def use_sync_batchnorm(model, device) -> bool:
     """--sync-bn under DDP: the student's BN layers, replaced in place, normalise over all ranks' batches.
     torch computes SyncBatchNorm on accelerators only, so on the CPU each rank keeps its own statistics."""
     if device.type == "cpu":
-        LOGGER.warning("WARNING ⚠️ --sync-bn: SyncBatchNorm needs a GPU; on the CPU each rank normalises its own batch")
+        LOGGER.warning("WARNING ⚠️ --sync-bn: SyncBatchNorm needs a GPU; "
+                       "on the CPU each rank normalises its own batch")
         return False
     nn.SyncBatchNorm.convert_sync_batchnorm(model)
     LOGGER.info("using SyncBatchNorm()")
@@ -553,7 +553,7 @@ def parse_opt(known: bool = False, argv=None):
     kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
     # The default term (norm 'kl') is scale-free, so one fixed lambda suits every teacher; the squared error's
     # raw scale follows the teacher's feature magnitudes and channels, so there 'auto' sets lambda from the
-    # losses (benchmarks/results/standard_recipe_kl.md, short_recipe_kl.md)
+    # losses (benchmarks/results/standard_recipe_kl_ablations.md, standard_recipe_kl_default.md)
     kd.add_argument("--distill-weight", type=weight_arg, default=None,
                     help="lambda: weight of the FGFI imitation loss, or 'auto': set once so the weighted term starts "
                          "at --distill-auto-ratio x the detection loss (default: "

@@ -50,7 +50,8 @@ from utils.torch_utils import smart_optimizer, training_memory_format  # noqa: E
 
 TOL = 1e-6  # IoU band around the mask threshold where float32 and the float64 loop may disagree
 VARIANTS = {"3x3": ["--distill-adapter", "3x3"], "head": ["--distill-target", "head"],
-            "mse": ["--distill-norm", "none"], "pkd": ["--distill-norm", "pkd"], "cwd": ["--distill-method", "cwd"], "mgd": ["--distill-method", "mgd"]}
+            "mse": ["--distill-norm", "none"], "pkd": ["--distill-norm", "pkd"],
+            "cwd": ["--distill-method", "cwd"], "mgd": ["--distill-method", "mgd"]}
 
 
 def random_targets(batch, boxes, seed, nc=1, vary=False):

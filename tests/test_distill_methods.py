@@ -18,7 +18,7 @@ from tests.test_train_distill import kd_run, make_teacher
 from utils import distill_setup
 from utils.distill import FeatureImitation, build_adapters, imitation_loss, standardize_channels
 from utils.distill_methods import (AutoWeight, ChannelWiseDistillation, MaskedGenerativeDistillation, build_method,
-                                   fgfi_weight, weight_arg)
+                                   fallback_weight, fgfi_weight, weight_arg)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,8 +261,8 @@ def test_methods_warm_up_levels_autocast_and_errors(method):
 
 
 def test_fgfi_weight_default_follows_the_norm_with_a_numeric_fallback_for_every_method():
-    """The default FGFI weight is set from the losses; an 'auto' weight of any method that gets no ratio falls
-    back to a number, never to the flag's own default ('auto')."""
+    """FGFI's default weight is 1.0 for the kl term and set from the losses for the squared error; an 'auto'
+    weight of any method that gets no ratio falls back to a number, never to the flag's own default ('auto')."""
     from train_distill import parse_opt
     from utils.distill_methods import FALLBACK_WEIGHTS, METHODS
     opt = parse_opt(True, [])
@@ -271,6 +271,7 @@ def test_fgfi_weight_default_follows_the_norm_with_a_numeric_fallback_for_every_
     assert opt.distill_weight is None and fgfi_weight(None, "kl") == 1.0 and fgfi_weight(None, "none") == "auto"
     assert fgfi_weight(0.02, "kl") == 0.02 and fgfi_weight("auto", "kl") == "auto"
     assert set(FALLBACK_WEIGHTS) == set(METHODS) and all(w > 0 for w in FALLBACK_WEIGHTS.values())
+    assert fallback_weight("fgfi", "kl") == 1.0 and fallback_weight("fgfi", "none") == FALLBACK_WEIGHTS["fgfi"]
 
 
 def test_auto_weight_is_the_loss_ratio_of_the_first_iterations(logs):

@@ -23,7 +23,6 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from utils.distill import build_adapters, channel_kl
 from utils.logging import LOGGER
@@ -44,6 +43,12 @@ def fgfi_weight(weight, norm):
     return FGFI_KL_WEIGHT if norm == "kl" else AUTO
 
 
+def fallback_weight(method, norm):
+    """The weight an 'auto' weight of `method` takes when the first iterations' losses give no ratio: FGFI's
+    scale-free 'kl' term falls back to its default lambda, every other term to FALLBACK_WEIGHTS."""
+    return FGFI_KL_WEIGHT if (method, norm) == ("fgfi", "kl") else FALLBACK_WEIGHTS[method]
+
+
 def weight_arg(value):
     """argparse type of an imitation weight: a number >= 0, or 'auto' (AutoWeight)."""
     if str(value).lower() == AUTO:
@@ -55,8 +60,6 @@ def weight_arg(value):
     if not math.isfinite(w) or w < 0:
         raise argparse.ArgumentTypeError(f"an imitation weight must be a number >= 0 or '{AUTO}', got '{value}'")
     return w
-
-
 
 
 def mgd_level_loss(s, t, generate, keep):
