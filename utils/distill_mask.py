@@ -3,11 +3,13 @@
 A cell of a pyramid level is in the mask of an image when one of the level's anchors, centred on the
 cell, overlaps some ground-truth box of that image with IoU > psi * (the best IoU any anchor at any cell
 of the level reaches with that box). Computed densely for all boxes at once, as defined: per level,
-  the x-overlap [na, n, 1, w] and y-overlap [na, n, h, 1] of every box with every anchor centred on every
-  cell; their product [na, n, h, w], the intersection, divided by the least intersection whose IoU
+  the x-overlap [n, na, 1, w] and y-overlap [n, na, h, 1] of every box with every anchor centred on every
+  cell; their product [n, na, h, w], the intersection, divided by the least intersection whose IoU
   passes the box's threshold (`_margin`: same cells as comparing the IoU, see there); the max of that
-  per image [na, batch, h, w] (union over the image's boxes); > 1 for any anchor.
-Boxes go in chunks when one level's [na, n, h, w] tensor would exceed MAX_ELEMENTS (per device type).
+  per image [batch, na, h, w] (union over the image's boxes); > 1 for any anchor.
+Boxes go in chunks when one level's [n, na, h, w] tensor would exceed MAX_ELEMENTS (per device type); the
+chunks of all levels write their product into one scratch tensor, allocated once per call: a fresh 4 MB
+tensor per chunk pays its page faults each time, which made the masks ~1.5x slower in a training process.
 """
 import warnings
 
@@ -17,7 +19,7 @@ import torch
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 KINDS = ("fine", "gt", "full")
-# [na, boxes, h, w] elements per chunk. CPU: 4 MB float32 temporaries stay in cache and off the
+# [boxes, na, h, w] elements per chunk. CPU: 4 MB float32 temporaries stay in cache and off the
 # allocator's page-faulting path (2-3x faster than 32 MB ones in a training step); GPU: fewer launches.
 MAX_ELEMENTS = {"cpu": 2 ** 20, "other": 2 ** 23}
 
@@ -37,30 +39,31 @@ def _check_args(targets, anchors, stride, feature_hw, batch_size, thresh, kind):
 
 
 def _overlap(centres, anchor_len, lo, hi):
-    """1-D overlap of an anchor of length anchor_len [na, 1, 1, 1] centred at each of `centres` (broadcast
-    along the last or second-to-last axis) with the box interval [lo, hi] ([n, 1, 1]): >= 0."""
+    """1-D overlap of an anchor of length anchor_len [1, na, 1, 1] centred at each of `centres` (broadcast
+    along the last or second-to-last axis) with the box interval [lo, hi] ([n, 1, 1, 1]): >= 0."""
     half = anchor_len / 2
     return (torch.minimum(centres + half, hi) - torch.maximum(centres - half, lo)).clamp_(min=0)
 
 
-def _margin(ovx, ovy, anchor_area, box_area, thresh, keep):
-    """[na, n, h, w]: intersection / (the least intersection that passes), > 1 exactly at the anchors and
-    cells whose IoU with the box is > thresh * the box's best IoU (in real arithmetic).
+def _margin(ovx, ovy, anchor_area, box_area, thresh, keep, out):
+    """[n, na, h, w] in `out`: intersection / (the least intersection that passes), > 1 exactly at the
+    anchors and cells whose IoU with the box is > thresh * the box's best IoU (in real arithmetic).
 
-    ovx [na, n, 1, w], ovy [na, n, h, 1]; anchor_area [na, 1, 1, 1], box_area and keep [n, 1, 1] (boxes
-    with keep False get 0). With I the intersection and s = anchor area + box area, IoU = I / (s - I),
-    which increases with I. Hence the best IoU of an anchor is at its largest intersection,
-    max ovx * max ovy, and IoU > f <=> I > f * s / (1 + f): the threshold on the IoU becomes one on the
-    intersection, per anchor and box.
+    ovx [n, na, 1, w], ovy [n, na, h, 1]; anchor_area [1, na, 1, 1], box_area and keep [n, 1, 1, 1] (boxes
+    with keep False get 0); out: a float32 tensor of at least n * na * h * w elements. With I the
+    intersection and s = anchor area + box area, IoU = I / (s - I), which increases with I. Hence the
+    best IoU of an anchor is at its largest intersection, max ovx * max ovy, and IoU > f <=>
+    I > f * s / (1 + f): the threshold on the IoU becomes one on the intersection, per anchor and box.
     """
-    s = anchor_area + box_area  # [na, n, 1, 1]
+    s = anchor_area + box_area  # [n, na, 1, 1]
     peak = ovx.amax(3, keepdim=True) * ovy.amax(2, keepdim=True)
-    f = thresh * (peak / (s - peak)).amax(0)  # psi * best IoU of each box, [n, 1, 1]; no overlap: 0
+    f = thresh * (peak / (s - peak)).amax(1, keepdim=True)  # psi * best IoU per box, [n, 1, 1, 1]; none: 0
     inter_min = f * s / (1 + f)
     # inter_min = 0 only for a box that overlaps no anchor anywhere (every I is 0); the clamp keeps
     # 1 / inter_min finite there (and below 1e-30 px^2, i.e. for boxes narrower than 1e-15 px)
     scale = torch.where(keep, 1 / inter_min.clamp(min=1e-30), 0.0)
-    return (ovy * scale) * ovx
+    n, na, h, w = len(ovx), ovx.shape[1], ovy.shape[2], ovx.shape[3]
+    return torch.mul(ovy * scale, ovx, out=out[:n * na * h * w].view(n, na, h, w))
 
 
 def _parse_targets(targets, batch_size):
@@ -72,8 +75,8 @@ def _parse_targets(targets, batch_size):
     return keep, t[:, 0].clamp(0, batch_size - 1).long(), t[:, 2:]
 
 
-def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind, anchor_t):
-    """One level's mask from parsed targets (see imitation_mask)."""
+def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind, anchor_t, scratch):
+    """One level's mask from parsed targets (see imitation_mask); scratch: float32, >= one chunk."""
     dev = xywh.device
     if kind == "full" or batch_size == 0:
         return torch.full((batch_size, h, w), kind == "full", dtype=torch.bool, device=dev)
@@ -85,25 +88,31 @@ def _level_mask(keep, img, xywh, anchors, stride, h, w, batch_size, thresh, kind
     lo, hi = box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2
     cx = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * stride
     cy = (torch.arange(h, device=dev, dtype=torch.float32)[:, None] + 0.5) * stride  # [h, 1]
-    aw, ah = anchors[:, 0].view(-1, 1, 1, 1), anchors[:, 1].view(-1, 1, 1, 1)
+    aw, ah = anchors[:, 0].view(1, -1, 1, 1), anchors[:, 1].view(1, -1, 1, 1)
     if kind == "gt":
         per_image = torch.zeros(batch_size, h, w, dtype=torch.bool, device=dev)  # union of the boxes inside
     else:
-        per_image = torch.zeros(len(anchors), batch_size, h, w, device=dev)  # largest margin of the boxes
-    chunk = max(1, MAX_ELEMENTS["cpu" if dev.type == "cpu" else "other"] // (len(anchors) * h * w))
+        per_image = torch.zeros(batch_size, len(anchors), h, w, device=dev)  # largest margin of the boxes
+    chunk = _chunk_boxes(len(anchors), h, w, dev)
     for i in range(0, len(box), chunk):
         j = slice(i, i + chunk)
-        x1, y1, x2, y2 = (v.view(-1, 1, 1) for v in (*lo[j].T, *hi[j].T))  # [n, 1, 1] each
-        keep_j = keep[j].view(-1, 1, 1)
+        x1, y1, x2, y2 = (v.view(-1, 1, 1, 1) for v in (*lo[j].T, *hi[j].T))  # [n, 1, 1, 1] each
+        keep_j = keep[j].view(-1, 1, 1, 1)
         if kind == "gt":
-            inside = ((cy > y1) & (cy < y2) & keep_j) & ((cx > x1) & (cx < x2))  # [n, h, w]
-            per_image.index_put_((img[j],), inside, accumulate=True)  # OR per image
+            inside = ((cy > y1) & (cy < y2) & keep_j) & ((cx > x1) & (cx < x2))  # [n, 1, h, w]
+            per_image.index_put_((img[j],), inside[:, 0], accumulate=True)  # OR per image
         else:
-            ovx = _overlap(cx, aw, x1, x2)  # [na, n, 1, w]
-            ovy = _overlap(cy, ah, y1, y2)  # [na, n, h, 1]
-            margin = _margin(ovx, ovy, aw * ah, (box[j, 2] * box[j, 3]).view(-1, 1, 1), thresh, keep_j)
-            per_image.index_reduce_(1, img[j], margin, "amax")  # max per image, over all chunks so far
-    return per_image if kind == "gt" else per_image.amax(0) > 1  # 'fine': passes for some anchor
+            ovx = _overlap(cx, aw, x1, x2)  # [n, na, 1, w]
+            ovy = _overlap(cy, ah, y1, y2)  # [n, na, h, 1]
+            area = (box[j, 2] * box[j, 3]).view(-1, 1, 1, 1)
+            margin = _margin(ovx, ovy, aw * ah, area, thresh, keep_j, scratch)  # [n, na, h, w] in scratch
+            per_image.index_reduce_(0, img[j], margin, "amax")  # max per image, over all chunks so far
+    return per_image if kind == "gt" else per_image.amax(1) > 1  # 'fine': passes for some anchor
+
+
+def _chunk_boxes(na, h, w, device):
+    """Boxes per chunk of a level: [boxes, na, h, w] within MAX_ELEMENTS, at least one box."""
+    return max(1, MAX_ELEMENTS["cpu" if device.type == "cpu" else "other"] // (na * h * w))
 
 
 def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0.5, kind="fine", anchor_t=None):
@@ -120,7 +129,11 @@ def imitation_masks(targets, anchors, strides, feature_hws, batch_size, thresh=0
         _check_args(targets, a, s, hw, batch_size, thresh, kind)
     parsed = _parse_targets(targets, batch_size)
     anchor_t = None if anchor_t is None else float(anchor_t)
-    return [_level_mask(*parsed, a, s, h, w, batch_size, float(thresh), kind, anchor_t)
+    dev = targets.device
+    elements = [min(len(targets), _chunk_boxes(len(a), h, w, dev)) * len(a) * h * w
+                for a, (h, w) in zip(anchors, hws)]
+    scratch = torch.empty(max(elements, default=0) if kind == "fine" else 0, device=dev)
+    return [_level_mask(*parsed, a, s, h, w, batch_size, float(thresh), kind, anchor_t, scratch)
             for a, s, (h, w) in zip(anchors, strides, hws)]
 
 
