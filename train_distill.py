@@ -32,10 +32,9 @@ from utils.augmentations import check_img_size
 from utils.autoanchor import check_anchors
 from utils.data_config import check_dataset
 from utils.dataloaders import create_dataloader
-from utils.distill_methods import AUTO, FGFI_KL_WEIGHT, METHODS, WEIGHT_FLAGS, AutoWeight, fallback_weight, \
-    fgfi_weight, weight_arg
-from utils.distill_setup import DISTILL_WARMUP, Distillation, StudentWithImitation, build_imitation, \
-    check_image_size_vs_teacher, distill_record, distill_warmup, file_sha256, load_teacher
+from distill import settings as distill_settings
+from distill.step import Distillation, StudentWithImitation
+from distill.teacher import load_teacher
 from utils.files import ROOT, find_file, increment_path, yaml_load, yaml_save
 from utils.logging import LOGGER, UserError, cli_main, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
@@ -141,23 +140,23 @@ def build_student(opt, hyp, nc, device) -> tuple[DetectionModel, dict | None]:
     return model, ckpt
 
 
-def setup_distillation(opt, model, ckpt, imgsz, anchor_t, device) -> Distillation:
-    """With --teacher: the frozen teacher and the imitation term (built before the optimiser, so that its
-    adapters train with the student; resumed from the checkpoint). Without: an empty Distillation."""
+def setup_distillation(opt, model, ckpt, imgsz, nb, anchor_t, device) -> Distillation:
+    """With --teacher: the frozen teacher, the settings resolved once for this run of nb batches per epoch,
+    and the method's modules (built before the optimiser, so that they train with the student; resumed from
+    the checkpoint). Without: an empty Distillation."""
     if not opt.teacher:
         return Distillation()
-    teacher, levels = load_teacher(opt, model, device)
-    check_image_size_vs_teacher(teacher, imgsz)
-    imitation = build_imitation(opt, model, teacher, levels, anchor_t).to(device)
-    if ckpt is not None and opt.resume and ckpt.get("adapters"):
-        imitation.load_state_dict({k: v.float() for k, v in ckpt["adapters"].items()})
-        LOGGER.info("resumed the distillation adapters from the checkpoint")
-    weight_flag = WEIGHT_FLAGS[opt.distill_method]
-    auto_weight = None
-    if getattr(opt, weight_flag) == AUTO:
-        auto_weight = AutoWeight(fallback_weight(opt.distill_method, opt.distill_norm), opt.distill_auto_ratio,
-                                 opt.distill_auto_iters)
-    return Distillation(teacher, levels, opt.distill_target, imitation, auto_weight, weight_flag, opt)
+    teacher = load_teacher(opt.teacher, model, device, imgsz)
+    resumed = ckpt if opt.resume else None
+    settings = distill_settings.resolve(opt, teacher, nb, opt.epochs, record=resumed and resumed.get("distill"),
+                                        epoch=resumed["epoch"] if resumed else 0)
+    method = distill_settings.build_method(settings, model, teacher, anchor_t).to(device)
+    if resumed and resumed.get("adapters"):
+        method.load_state_dict({k: v.float() for k, v in resumed["adapters"].items()})
+        LOGGER.info("resumed the distillation modules from the checkpoint")
+    LOGGER.info(f"distill: {settings.method}, target {settings.target}, weight {settings.weight}, "
+                f"warm-up {settings.warmup} iterations")
+    return Distillation(settings, teacher, method)
 
 
 def accumulation(opt) -> int:
@@ -175,11 +174,11 @@ def training_hyp(hyp: dict, opt, nl: int, nc: int, imgsz: int) -> dict:
     return h
 
 
-def build_optimizer(opt, model, imitation, hyp):
+def build_optimizer(opt, model, method, hyp):
     """Three parameter groups (the adapters join them); LR factor lf(epoch) linear, or one-cycle cosine with
     --cos-lr, from 1 to lrf; -> (optimizer, scheduler, lf)."""
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
-                                extra_modules=[imitation] if imitation is not None else [])
+                                extra_modules=[method] if method is not None else [])
     epochs, lrf = opt.epochs, hyp["lrf"]
     if opt.cos_lr:
         lf = lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (lrf - 1) + 1  # noqa: E731
@@ -212,9 +211,8 @@ def build_loaders(opt, data_dict, hyp, imgsz, gs, nc, main_process):
     """-> (train loader, its dataset, all its labels [n, 5], the val loader on the main process or None)."""
     train_loader, dataset = create_dataloader(data_dict["train"], imgsz, opt.batch_size // WORLD_SIZE, gs,
                                               opt.single_cls, hyp=hyp, augment=True, cache=opt.cache, rect=opt.rect,
-                                              rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights,
-                                              quad=opt.quad, prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
-                                              nc=nc)
+                                              rank=LOCAL_RANK, workers=opt.workers, prefix=colorstr("train: "),
+                                              shuffle=True, seed=opt.seed, nc=nc)
     labels = np.concatenate(dataset.labels, 0) if len(dataset.labels) else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
@@ -226,15 +224,15 @@ def build_loaders(opt, data_dict, hyp, imgsz, gs, nc, main_process):
     return train_loader, dataset, labels, val_loader
 
 
-def prepare_run_dir(opt, save_dir, hyp, dataset, labels, model, names, imgsz):
+def prepare_run_dir(opt, run_args, save_dir, hyp, dataset, labels, model, names, imgsz, distill):
     """The run folder with hyp.yaml (as given) and opt.yaml, AutoAnchor and the labels plot for a new run. Made
     only once data, model, teacher and loaders have loaded: an ERROR before this point leaves nothing behind."""
     (save_dir / "weights").mkdir(parents=True, exist_ok=True)
     yaml_save(save_dir / "hyp.yaml", hyp)
-    yaml_save(save_dir / "opt.yaml", vars(opt))
+    yaml_save(save_dir / "opt.yaml", run_args)
     if not opt.resume:
         if not opt.noautoanchor:
-            if opt.teacher and opt.distill_target == "head":
+            if distill.settings and distill.settings.target == "head":
                 LOGGER.info(f"{colorstr('AutoAnchor:')} skipped: head imitation needs the teacher's anchors")
             else:
                 check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
@@ -255,9 +253,9 @@ def use_sync_batchnorm(model, device) -> bool:
     return True
 
 
-def build_step_module(opt, model, imitation, device) -> nn.Module:
+def build_step_module(opt, model, distill, device) -> nn.Module:
     """What a step runs forward: the student with its imitation term, as one DDP module across ranks."""
-    step_module = StudentWithImitation(model, imitation, opt.distill_target)
+    step_module = StudentWithImitation(model, distill.method, distill.settings.target if distill.settings else "neck")
     if RANK == -1:
         return step_module
     cuda = device.type == "cuda"
@@ -348,10 +346,10 @@ def train_one_epoch(step_module, compute_loss, distill, stepper, loader, epoch, 
 
         # Loss: detection, plus the imitation term when distilling
         with torch.autocast(device_type=device.type, enabled=amp):
-            pred, kd_loss, kd_stats = step_module(imgs, targets, distill.teacher_maps(imgs), ni)
+            pred, kd = step_module(imgs, targets, distill.teacher_maps(imgs), ni)
             loss, loss_items = compute_loss(pred, targets)
-            if kd_loss is not None:
-                loss = loss + kd_loss.float() * imgs.shape[0]  # same batch-size convention as the detection loss
+            if kd is not None:
+                loss = loss + kd.loss.float() * imgs.shape[0]  # same batch-size convention as the detection loss
             if RANK != -1:
                 loss *= WORLD_SIZE  # DDP averages gradients across ranks
 
@@ -361,13 +359,13 @@ def train_one_epoch(step_module, compute_loss, distill, stepper, loader, epoch, 
             if nonfinite.stopped:
                 break
             continue
-        distill.observe(loss_items, kd_stats)
+        distill.observe(loss_items, kd)
         stepper.backward(loss, ni)
 
-        kd_item = kd_loss.detach().float().reshape(1) if kd_loss is not None else torch.zeros(1, device=device)
+        kd_item = kd.loss.detach().float().reshape(1) if kd is not None else torch.zeros(1, device=device)
         mloss = (mloss * i + torch.cat((loss_items, kd_item))) / (i + 1)
         if log is not None:
-            log.batch(epoch, i, ni, imgs, targets, paths, mloss, kd_stats)
+            log.batch(epoch, i, ni, imgs, targets, paths, mloss, kd)
     return EpochStats(mloss, log.epoch_coverage() if log is not None else [])
 
 
@@ -376,13 +374,11 @@ def ema_is_finite(ema) -> bool:
     return all(torch.isfinite(v).all() for v in ema.ema.state_dict().values() if v.dtype.is_floating_point)
 
 
-def checkpoint_record(model, ema, optimizer, epoch, best_fitness, opt, hyp, distill) -> dict:
-    """What last.pt / best.pt hold; the distill record and adapters are None for plain training."""
-    imitation = distill.imitation
+def checkpoint_record(model, ema, optimizer, epoch, best_fitness, run_args, hyp, distill) -> dict:
+    """What last.pt / best.pt hold; the distill record and the method's modules are None for plain training."""
     return dict(model=de_parallel(model), ema=ema.ema, updates=ema.updates, optimizer=optimizer, epoch=epoch,
-                best_fitness=best_fitness, opt=vars(opt), hyp=hyp,
-                distill=distill_record(opt) if imitation is not None else None,
-                adapters=imitation.state_dict() if imitation is not None else None)
+                best_fitness=best_fitness, opt=run_args, hyp=hyp, distill=distill.record(),
+                adapters=distill.method.state_dict() if distill.method is not None else None)
 
 
 def save_checkpoints(weights_dir, record, epoch, best: bool, period: int):
@@ -418,36 +414,37 @@ def finish(save_dir, val, device, plots, metrics) -> Metrics:
     return metrics
 
 
-def train(hyp: dict, opt, device) -> Metrics:
-    """Train the student (distilling the teacher into it with --teacher); -> val.Metrics of the final weights."""
+def train(hyp: dict, opt, device) -> tuple[Metrics, dict]:
+    """Train the student (distilling the teacher into it with --teacher); -> (val.Metrics of the final weights,
+    the run's arguments as resolved and recorded)."""
     save_dir, epochs, plots, amp = Path(opt.save_dir), opt.epochs, not opt.noplots, device.type == "cuda"
     main_process = RANK in (-1, 0)
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     init_seeds(opt.seed + 1 + RANK)
 
-    # Set-up, in an order that fixes the random state: student, teacher and adapters, optimiser, loaders
+    # Set-up, in an order that fixes the random state: student, loaders (they draw no random numbers), teacher
+    # and the method's modules, optimiser
     data_dict, nc, names = load_data(opt)
     model, ckpt = build_student(opt, hyp, nc, device)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs)
     if RANK == -1 and opt.batch_size < 1:
         raise ValueError(f"--batch-size {opt.batch_size} must be positive")
-    distill = setup_distillation(opt, model, ckpt, imgsz, hyp["anchor_t"], device)
     train_hyp = training_hyp(hyp, opt, nl=model.model[-1].nl, nc=nc, imgsz=imgsz)
-    optimizer, scheduler, lf = build_optimizer(opt, model, distill.imitation, train_hyp)
+    train_loader, dataset, labels, val_loader = build_loaders(opt, data_dict, train_hyp, imgsz, gs, nc, main_process)
+    distill = setup_distillation(opt, model, ckpt, imgsz, len(train_loader), hyp["anchor_t"], device)
+    run_args = {**vars(opt), **(distill.settings.args() if distill.settings else {})}  # opt.yaml, checkpoints
+    optimizer, scheduler, lf = build_optimizer(opt, model, distill.method, train_hyp)
     ema = ModelEMA(model) if main_process else None
     start_epoch, best_fitness = resume_state(opt, ckpt, optimizer, ema)
     del ckpt
-    train_loader, dataset, labels, val_loader = build_loaders(opt, data_dict, train_hyp, imgsz, gs, nc, main_process)
-    if distill.imitation is not None:
-        distill.imitation.warmup = opt.distill_warmup = distill_warmup(opt.distill_warmup, len(train_loader), epochs)
     if main_process:
-        prepare_run_dir(opt, save_dir, hyp, dataset, labels, model, names, imgsz)
+        prepare_run_dir(opt, run_args, save_dir, hyp, dataset, labels, model, names, imgsz, distill)
 
     # Loss, the module a step runs, optimiser steps, logging
     model.nc, model.hyp, model.names = nc, train_hyp, names
     compute_loss = ComputeLoss(model)
-    step_module = build_step_module(opt, model, distill.imitation, device)
+    step_module = build_step_module(opt, model, distill, device)
     stepper = Stepper(opt, optimizer, lf, train_hyp, step_module, model, ema, len(train_loader), amp)
     scheduler.last_epoch = start_epoch - 1
     log = TrainLogger(save_dir, CSV_KEYS, epochs, names, model.stride.tolist(), plots, opt.resume) \
@@ -476,8 +473,8 @@ def train(hyp: dict, opt, device) -> Metrics:
 
         # Main process: validate the EMA weights, log the epoch, save checkpoints
         if main_process:
-            if distill.imitation is not None:
-                log.distill_summary(stats.coverage, stats.losses, distill.imitation.weight, opt.distill_method)
+            if distill.method is not None:
+                log.distill_summary(stats.coverage, stats.losses, distill.method.weight, distill.settings.method)
             ema.update_attr(model)
             final_epoch = epoch + 1 == epochs or stopper.patience <= epoch - stopper.best_epoch + 1
             validated = not opt.noval or final_epoch
@@ -489,7 +486,7 @@ def train(hyp: dict, opt, device) -> Metrics:
             stop = stopper(epoch=epoch, fitness_value=fi) or stop
             log.epoch(epoch, stats.losses.tolist(), metrics, validated, lr)
             if not opt.nosave or final_epoch:
-                record = checkpoint_record(model, ema, optimizer, epoch, best_fitness, opt, train_hyp, distill)
+                record = checkpoint_record(model, ema, optimizer, epoch, best_fitness, run_args, train_hyp, distill)
                 is_best = best_fitness == fi and ema_finite
                 save_checkpoints(save_dir / "weights", record, epoch, is_best, opt.save_period)
         if all_ranks_stop(stop, device):
@@ -502,7 +499,7 @@ def train(hyp: dict, opt, device) -> Metrics:
         log.close()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     nonfinite.raise_if_stopped()
-    return metrics
+    return metrics, run_args
 
 
 def parse_opt(known: bool = False, argv=None):
@@ -521,7 +518,6 @@ def parse_opt(known: bool = False, argv=None):
     parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
     parser.add_argument("--noplots", action="store_true", help="save no plot files")
     parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
-    parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
     parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
@@ -531,7 +527,6 @@ def parse_opt(known: bool = False, argv=None):
     parser.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    parser.add_argument("--quad", action="store_true", help="quad dataloader")
     parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
     parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
@@ -541,57 +536,13 @@ def parse_opt(known: bool = False, argv=None):
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--nbs", type=int, default=64, help="nominal batch size: gradients accumulate up to it "
                                                             "(upstream's constant 64; smaller = more steps per epoch)")
-    # Fine-grained Feature Imitation (Wang et al., CVPR 2019)
-    kd = parser.add_argument_group("distillation")
-    kd.add_argument("--teacher", type=str, default="", help="frozen teacher weights (project or official .pt); "
-                                                            "empty = plain training")
-    kd.add_argument("--distill-target", choices=["neck", "head", "auto"], default="neck",
-                    help="imitate the feature maps Detect consumes through adapters (neck), the raw Detect maps "
-                         "(head: needs equal nc and anchors), or head when the teacher allows it, else neck (auto)")
-    kd.add_argument("--distill-mask", choices=["fine", "gt", "full"], default="fine",
-                    help="where to imitate: near-object anchor cells (fine), cells inside boxes (gt), all (full)")
-    kd.add_argument("--distill-thresh", type=float, default=0.5, help="psi: cells whose anchor IoU > psi * max IoU")
-    # The default term (norm 'kl') is scale-free, so one fixed lambda suits every teacher; the squared error's
-    # raw scale follows the teacher's feature magnitudes and channels, so there 'auto' sets lambda from the
-    # losses (benchmarks/results/standard_recipe_kl_ablations.md, standard_recipe_kl_default.md)
-    kd.add_argument("--distill-weight", type=weight_arg, default=None,
-                    help="lambda: weight of the FGFI imitation loss, or 'auto': set once so the weighted term starts "
-                         "at --distill-auto-ratio x the detection loss (default: "
-                         f"{FGFI_KL_WEIGHT} with --distill-norm kl, auto with the other norms)")
-    kd.add_argument("--distill-warmup", type=int, default=None,
-                    help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's minimum "
-                         f"LR warm-up, or half the run's iterations when it is shorter than {2 * DISTILL_WARMUP})")
-    kd.add_argument("--distill-adapter", choices=["1x1", "3x3"], default="1x1",
-                    help="student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU")
-    kd.add_argument("--distill-assign", action=argparse.BooleanOptionalAction, default=False,
-                    help="a box shapes a level's mask only if YOLOv5 matching assigns it to that level")
-    kd.add_argument("--teacher-changed-ok", action="store_true",
-                    help="--resume even though the teacher file changed since the run started (both are recorded)")
-    kd.add_argument("--distill-norm", choices=["kl", "none", "channel", "pkd"], default="kl",
-                    help="kl (default): per image and channel, KL divergence between the softmax of the teacher "
-                         "and of the adapted student over the masked cells (CWD's term at the FGFI mask); none: "
-                         "the paper's squared error; channel: that divided by the channel count; pkd: each "
-                         "channel of both maps standardised first, then divided by the channel count")
-    kd.add_argument("--distill-method", choices=METHODS, default="fgfi",
-                    help="fgfi: masked feature imitation (the --distill-mask/thresh/assign/norm flags); cwd: "
-                         "channel-wise distillation (Shu et al. 2021); mgd: masked generative distillation "
-                         "(Yang et al. 2022)")
-    kd.add_argument("--distill-auto-ratio", type=float, default=1.0,
-                    help="an 'auto' weight makes the weighted term this many times the detection loss, measured "
-                         "over the first --distill-auto-iters imitating iterations (then fixed)")
-    kd.add_argument("--distill-auto-iters", type=int, default=20,
-                    help="imitating iterations that set an 'auto' weight (the term is weighted 0 during them)")
-    kd.add_argument("--cwd-tau", type=float, default=1.0, help="cwd: softmax temperature")
-    # 1.0: the weighted CWD term is ~2.5x the detection loss in the first imitating epoch of the shapes recipe,
-    # with a 7- and a 15-epoch yolov5s teacher alike (FGFI's default on that recipe: 3-7x, and teacher-dependent)
-    kd.add_argument("--cwd-weight", type=weight_arg, default=1.0, help="cwd: weight of the term, or 'auto'")
-    kd.add_argument("--mgd-ratio", type=float, default=0.65, help="mgd: probability that a cell is zeroed")
-    kd.add_argument("--mgd-alpha", type=weight_arg, default=2e-5, help="mgd: weight of the term, or 'auto'")
+    distill_settings.add_args(parser)
     return parser.parse_known_args(argv)[0] if known else parser.parse_args(argv)
 
 
 def resolve_resume(opt):
-    """--resume (latest run) or --resume path/to/last.pt: restore the original arguments and run folder."""
+    """--resume (latest run) or --resume path/to/last.pt: the original arguments (as this release writes them) and
+    run folder, as a new namespace."""
     last = opt.resume if isinstance(opt.resume, str) else None
     if last is None:
         found = glob.glob(str(Path(opt.project) / "**" / "last.pt"), recursive=True)
@@ -606,57 +557,32 @@ def resolve_resume(opt):
         raise ValueError(f"--resume {last}: the checkpoint holds no training arguments (not a training run's last.pt)")
     if ckpt.get("optimizer") is None:
         raise ValueError(f"--resume {last}: the optimiser state was stripped (training finished); nothing to resume")
-    keep = {"device": opt.device, "workers": opt.workers, "teacher_changed_ok": opt.teacher_changed_ok}
-    # a run from before --distill-norm existed used the squared error, today's 'none'
-    opt = argparse.Namespace(**{**vars(parse_opt(True, [])), "distill_norm": "none", **ckpt["opt"]})
-    opt.device, opt.workers, opt.teacher_changed_ok = keep["device"], keep["workers"], keep["teacher_changed_ok"]
-    check_resumed_teacher(opt, ckpt, last)
-    opt.weights, opt.resume, opt.cfg = str(last), True, ""
-    opt.save_dir = str(last.parent.parent)
-    return opt
+    saved = distill_settings.upgrade_args(ckpt["opt"])
+    args = {**vars(parse_opt(True, [])), **saved}
+    hyp = dict(args["hyp"]) if isinstance(args["hyp"], dict) else yaml_load(find_file(args["hyp"]))
+    return argparse.Namespace(**{**args, "device": opt.device, "workers": opt.workers,
+                                 "teacher_changed_ok": opt.teacher_changed_ok, "weights": str(last), "resume": True,
+                                 "cfg": "", "save_dir": str(last.parent.parent), "hyp": hyp})
 
 
-def check_resumed_teacher(opt, ckpt, last):
-    """--resume with a teacher file whose content differs from the run's: refused unless --teacher-changed-ok,
-    which keeps the earlier teacher in opt.previous_teachers (and so in the distill record)."""
-    started = (ckpt.get("distill") or {}).get("teacher_sha256")
-    now = file_sha256(opt.teacher) if opt.teacher else None
-    if not started or not now or now == started:  # not distilling, or a missing teacher (its load will say)
-        return
-    if not opt.teacher_changed_ok:
-        raise ValueError(f"--resume {last}: the teacher {opt.teacher} has changed since the run started (SHA-256 "
-                         f"{started[:12]}... in the checkpoint, {now[:12]}... now); put the original file back, or "
-                         f"pass --teacher-changed-ok to continue with this teacher (both are recorded)")
-    LOGGER.warning(f"WARNING ⚠️ --teacher-changed-ok: resuming with a changed teacher {opt.teacher} (SHA-256 "
-                   f"{started[:12]}... until epoch {ckpt['epoch']}, {now[:12]}... from now on)")
-    opt.previous_teachers = [*getattr(opt, "previous_teachers", []),
-                             {"teacher": ckpt["distill"].get("teacher"), "teacher_sha256": started,
-                              "last_epoch": int(ckpt["epoch"])}]
+def resolve_new_run(opt):
+    """A new run's arguments with the paths found and the hyperparameters read, as a new namespace."""
+    cfg = opt.cfg or ("" if opt.weights else "yolov5s.yaml")
+    data = str(opt.data) if isinstance(opt.data, dict) else str(find_file(opt.data))
+    hyp = yaml_load(find_file(opt.hyp)) if not isinstance(opt.hyp, dict) else dict(opt.hyp)
+    return argparse.Namespace(**{**vars(opt), "cfg": str(find_file(cfg)) if cfg else "", "data": data, "hyp": hyp,
+                                 "save_dir": str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))})
 
 
 def main(opt):
-    if opt.resume:
-        opt = resolve_resume(opt)
-        hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else yaml_load(find_file(opt.hyp))
-    else:
-        if not opt.cfg and not opt.weights:
-            opt.cfg = "yolov5s.yaml"
-        if opt.cfg:
-            opt.cfg = str(find_file(opt.cfg))
-        opt.data = str(opt.data) if isinstance(opt.data, dict) else str(find_file(opt.data))
-        hyp = yaml_load(find_file(opt.hyp)) if not isinstance(opt.hyp, dict) else dict(opt.hyp)
-        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-    opt.hyp = hyp.copy()  # record the unscaled hyp with the run's arguments
-    opt.distill_weight = fgfi_weight(opt.distill_weight, opt.distill_norm)
-    if opt.teacher and opt.distill_target == "head" and opt.distill_adapter not in ("3x3", "1x1"):
-        raise ValueError(f"unknown --distill-adapter {opt.distill_adapter}")
-
+    """-> the run's arguments as resolved, with `results`: val.Metrics (P, R, mAP50, mAP50-95, val losses) of the
+    final weights."""
+    opt = resolve_resume(opt) if opt.resume else resolve_new_run(opt)
+    distill_settings.check_given(opt)  # before anything loads
     device = select_device(opt.device, batch_size=opt.batch_size)
     if LOCAL_RANK != -1:
         if opt.batch_size < WORLD_SIZE or opt.batch_size % WORLD_SIZE:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of the {WORLD_SIZE} ranks")
-        if opt.image_weights:
-            raise ValueError("--image-weights is not compatible with DDP training")
         if torch.cuda.is_available() and opt.device != "cpu":
             torch.cuda.set_device(LOCAL_RANK)
             device = torch.device("cuda", LOCAL_RANK)
@@ -664,8 +590,8 @@ def main(opt):
             device = torch.device("cpu")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     try:
-        opt.results = train(hyp, opt, device)  # val.Metrics (P, R, mAP50, mAP50-95, val losses) of the final weights
-        return opt
+        metrics, run_args = train(dict(opt.hyp), opt, device)
+        return argparse.Namespace(**run_args, results=metrics)
     finally:
         if WORLD_SIZE > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -673,10 +599,12 @@ def main(opt):
 
 def run(**kwargs):
     """Programmatic entry: run(data='shapes.yaml', cfg='yolov5n.yaml', epochs=3, imgsz=128, teacher='...')."""
-    opt = parse_opt(True, [])
-    for k, v in kwargs.items():
-        setattr(opt, k, v)
-    return main(opt)
+    args, renamed = vars(parse_opt(True, [])), distill_settings.legacy_dests()
+    kwargs = {renamed.get(k, k): v for k, v in kwargs.items()}  # the options' older names still work
+    unknown = sorted(set(kwargs) - set(args))
+    if unknown:
+        raise TypeError(f"train_distill.run() got unknown arguments {unknown}")
+    return main(argparse.Namespace(**{**args, **kwargs}))
 
 
 if __name__ == "__main__":

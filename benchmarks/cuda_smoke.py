@@ -10,8 +10,8 @@
   3. train_distill.run for one epoch with that teacher (AMP, fp16 teacher, EMA, val in half precision),
      then val.run --half on its best.pt: finite metrics and a non-zero kd_loss column in results.csv.
 
-    python benchmarks/cuda_smoke.py                 # device 0
-    python benchmarks/cuda_smoke.py --device cpu --imgsz 128 --mask-imgsz 320   # dry run of the same code
+    python -m benchmarks.cuda_smoke                 # device 0
+    python -m benchmarks.cuda_smoke --device cpu --imgsz 128 --mask-imgsz 320   # dry run of the same code
 
 Prints a Markdown table (--results NAME: also benchmarks/results/NAME.{csv,md}); exits 1 if a check
 fails, 2 if the device is missing.
@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import train_distill
+import val
+from benchmarks.common import add_common_args, measure, quiet_log, report, start
+from benchmarks.step_speed import TOL, StepBench, random_targets
+from distill.mask_reference import ANCHORS, STRIDES, imitation_mask_loop
+from utils.data_config import check_dataset
+from distill.masks import imitation_masks
 
-import train_distill  # noqa: E402
-import val  # noqa: E402
-from benchmarks.step_speed import TOL, StepBench, random_targets  # noqa: E402
-from benchmarks.timing import add_common_args, measure, quiet_log, report, start  # noqa: E402
-from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop  # noqa: E402
-from utils.data_config import check_dataset  # noqa: E402
-from utils.distill import imitation_masks  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mask_checks(dev, imgsz, repeats):
@@ -79,11 +78,11 @@ def step_checks(dev, imgsz, batch, repeats):
     t = measure({"a": bench.step(), "b": bench.step(setup=setup, seen=seen), "c": bench.teacher_forward(setup)},
                 repeats, device=dev)
     t = {k: v.median for k, v in t.items()}
-    imitation = setup[3]
+    imitation = setup[2]
     grads_finite = all(torch.isfinite(p.grad).all() for p in
                        list(bench.student.parameters()) + list(imitation.parameters()) if p.grad is not None)
-    teacher = setup[1]
-    return t, next(teacher.parameters()).dtype, float(seen["kd"]), grads_finite, len(bench.targets), bench.teacher_pt
+    teacher = setup[1].model
+    return t, next(teacher.parameters()).dtype, float(seen["kd"].loss), grads_finite, len(bench.targets), bench.teacher_pt
 
 
 def train_checks(dev_arg, imgsz, batch, teacher_pt, out):

@@ -5,13 +5,13 @@ from its baseline twin by the imitation term only. Reports mAP50 and mAP50-95 pe
 spread over seeds, and the share of the teacher-baseline mAP50-95 gap that distillation closes.
 Ablations (--ablations) vary one distillation setting at a time around the defaults.
 
-    python benchmarks/distill_gain.py                      # default settings, seeds 0 1
-    python benchmarks/distill_gain.py --ablations          # + target, adapter, mask kind, psi, assignment, lambda
-    python benchmarks/distill_gain.py --jobs 2             # two student runs at a time, one thread each
-    python benchmarks/distill_gain.py --ablation-names target=head adapter=3x3   # chosen ablations only
-    python benchmarks/distill_gain.py --methods fgfi,cwd,mgd   # one row per distillation method
-    python benchmarks/distill_gain.py --recipe standard --methods fgfi,cwd,mgd --jobs 2   # SGD, 40-epoch students
-    python benchmarks/distill_gain.py --recipe standard --teacher-weights benchmarks/weights/standard_teacher.pt  # its committed teacher
+    python -m benchmarks.distill_gain                      # default settings, seeds 0 1
+    python -m benchmarks.distill_gain --ablations          # + target, adapter, mask kind, psi, assignment, lambda
+    python -m benchmarks.distill_gain --jobs 2             # two student runs at a time, one thread each
+    python -m benchmarks.distill_gain --ablation-names target=head adapter=3x3   # chosen ablations only
+    python -m benchmarks.distill_gain --methods fgfi,cwd,mgd   # one row per distillation method
+    python -m benchmarks.distill_gain --recipe standard --methods fgfi,cwd,mgd --jobs 2   # SGD, 40-epoch students
+    python -m benchmarks.distill_gain --recipe standard --teacher-weights benchmarks/weights/standard_teacher.pt  # its committed teacher
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md} (standard recipe: runs/benchmarks/standard/).
 Runs already finished are reused, so a long matrix can be run in parts (stop it, start it again later).
 """
@@ -27,11 +27,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import val as validate
+from benchmarks.common import command, commit, machine
+from distill import METHODS
 
-import val as validate  # noqa: E402
-from utils.distill_methods import METHODS, fgfi_weight  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # One setting changed at a time; everything else stays at train_distill.py's defaults (neck imitation
 # through 1x1 adapters, fine mask, psi 0.5, norm kl with lambda 1, warm-up 100). 'mse-*': the paper's
@@ -53,9 +53,9 @@ ABLATIONS = {
     "mse-auto-ratio=3": ["--distill-norm", "none", "--distill-auto-ratio", "3"],  # auto term at 3x the detection loss
     "mse-auto-ratio=10": ["--distill-norm", "none", "--distill-auto-ratio", "10"],
     "mse-mask=full": ["--distill-norm", "none", "--distill-mask", "full"],
-    "cwd-weight=3": ["--distill-method", "cwd", "--cwd-weight", "3"],
+    "cwd-weight=3": ["--distill-method", "cwd", "--distill-weight", "3"],
     "cwd-tau=4": ["--distill-method", "cwd", "--cwd-tau", "4"],
-    "mgd-alpha=auto": ["--distill-method", "mgd", "--mgd-alpha", "auto"],
+    "mgd-alpha=auto": ["--distill-method", "mgd", "--distill-weight", "auto"],
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x3": None,
     "lambda=x10": None,
@@ -152,9 +152,8 @@ def main():
     default_kd = ["--teacher", str(teacher)] + (["--distill-weight", str(opt.weight)] if opt.weight else [])
     lam = opt.weight
     if lam is None:
-        import train_distill
-        defaults = train_distill.parse_opt(True, [])
-        lam = fgfi_weight(defaults.distill_weight, defaults.distill_norm)
+        fgfi = METHODS["fgfi"]
+        lam = fgfi.default_weight(fgfi.Params())  # the trainer's default lambda
     ablations = dict(ABLATIONS)
     if lam == "auto":  # x0.1 / x10: the weighted term starts at 0.1 / 10 times the detection loss
         ablations["lambda=x0.1"] = ["--distill-auto-ratio", "0.1"]
@@ -263,15 +262,10 @@ def write_results(name, rows, summary):
     """benchmarks/results/NAME.csv and NAME.md, stamped with the commit, the command line and the machine."""
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    stamp = (f"commit {commit or '?'}{' (with uncommitted changes)' if dirty else ''}; command: "
-             f"`python benchmarks/distill_gain.py {' '.join(sys.argv[1:])}`; machine: {cpu}, {os.cpu_count()} "
-             f"cores, CPU only, torch {__import__('torch').__version__}")
+    # The stamp every results file carries (benchmarks/common.py); the runs train on the CPU in child
+    # processes, so "CPU only" stands where this process's thread count would.
+    stamp = (f"commit {commit()}; command: `{command(script=__file__)}`; "
+             f"machine: {machine(detail='CPU only')}")
     with open(res / f"{name}.csv", "w", newline="") as f:
         f.write(f"# {stamp}\n")
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

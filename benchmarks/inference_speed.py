@@ -16,9 +16,9 @@ Untrained weights give almost no boxes above conf 0.001, so their val/detect NMS
 the synthetic NMS rows and trained --weights give representative ones. Medians over `--repeats` timed
 calls (whole calls) or `--runs` (forward, NMS) after a warm-up.
 
-    python benchmarks/inference_speed.py                                      # yolov5n at 160 and 320
-    python benchmarks/inference_speed.py --models yolov5n yolov5s --imgsz 640 --onnx --results inference_speed
-    python benchmarks/inference_speed.py --imgsz 160 --repeats 1 --runs 3 --detect-images 4   # smoke run
+    python -m benchmarks.inference_speed                                      # yolov5n at 160 and 320
+    python -m benchmarks.inference_speed --models yolov5n yolov5s --imgsz 640 --onnx --results inference_speed
+    python -m benchmarks.inference_speed --imgsz 160 --repeats 1 --runs 3 --detect-images 4   # smoke run
 """
 import argparse
 import contextlib
@@ -32,17 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import detect
+import val
+from benchmarks.common import add_common_args, call_ms, measure, quiet_log, report, start
+from models.checkpoint import save_checkpoint
+from models.yolo import DetectionModel
+from utils.boxes import non_max_suppression
+from utils.data_config import check_dataset
+from utils.sources import list_files
 
-import detect  # noqa: E402
-import val  # noqa: E402
-from benchmarks.timing import add_common_args, call_ms, measure, quiet_log, report, start  # noqa: E402
-from models.checkpoint import save_checkpoint  # noqa: E402
-from models.yolo import DetectionModel  # noqa: E402
-from utils.boxes import non_max_suppression  # noqa: E402
-from utils.data_config import check_dataset  # noqa: E402
-from utils.sources import list_files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SPEED = re.compile(r"Speed: ([\d.]+)ms pre-process, ([\d.]+)ms inference, ([\d.]+)ms NMS")
 

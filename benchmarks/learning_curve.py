@@ -4,22 +4,20 @@ Trains each --cfg with the same data, schedule and seed through train_distill.py
 teacher) and tabulates the per-epoch mAP50 and mAP50-95 that training's own validation wrote to
 results.csv, with the wall time of each run. Extra train_distill.py flags go after --extra.
 
-    python benchmarks/learning_curve.py --cfg yolov5n.yaml yolov5s.yaml --epochs 20 \\
+    python -m benchmarks.learning_curve --cfg yolov5n.yaml yolov5s.yaml --epochs 20 \\
         --extra --optimizer Adam --hyp hyp.shapes.yaml
-    python benchmarks/learning_curve.py --from-runs runs/demo/teacher runs/demo/baseline  # tabulate only
+    python -m benchmarks.learning_curve --from-runs runs/demo/teacher runs/demo/baseline  # tabulate only
 Prints a Markdown table (--results NAME: also benchmarks/results/NAME.{csv,md}). Runs go to --out
 (runs/benchmarks/learning_curve); finished runs are reused (delete them to retrain).
 """
 import argparse
 import csv
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import add_common_args, report
+from benchmarks.distill_gain import train  # train one run unless its best.pt exists
 
-from benchmarks.distill_gain import train  # noqa: E402  (train one run unless its best.pt exists)
-from benchmarks.timing import add_common_args, report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_curve(results_csv):

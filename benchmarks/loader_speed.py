@@ -6,22 +6,21 @@ batch, with the workers' start-up, is reported apart); and the images/s of a pla
 (benchmarks/step_speed.py's: forward + ComputeLoss + backward + optimiser step) of each `--models` model
 at that size and batch. The loader holds training back where its images/s is below the step's.
 
-    python benchmarks/loader_speed.py                                  # 320 px, 0 and 2 workers, yolov5n
-    python benchmarks/loader_speed.py --imgsz 320 640 --workers 0 1 2 --models yolov5n.yaml yolov5s.yaml
-    python benchmarks/loader_speed.py --imgsz 160 --batch 4 --batches 2 --steps 1   # smoke run
+    python -m benchmarks.loader_speed                                  # 320 px, 0 and 2 workers, yolov5n
+    python -m benchmarks.loader_speed --imgsz 320 640 --workers 0 1 2 --models yolov5n.yaml yolov5s.yaml
+    python -m benchmarks.loader_speed --imgsz 160 --batch 4 --batches 2 --steps 1   # smoke run
 """
 import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import add_common_args, measure, quiet_log, report, start
+from benchmarks.step_speed import StepBench
+from utils.data_config import check_dataset
+from utils.dataloaders import create_dataloader
 
-from benchmarks.step_speed import StepBench  # noqa: E402
-from benchmarks.timing import add_common_args, measure, quiet_log, report, start  # noqa: E402
-from utils.data_config import check_dataset  # noqa: E402
-from utils.dataloaders import create_dataloader  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def batches(path, imgsz, batch, workers, nc):

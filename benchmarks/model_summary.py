@@ -5,8 +5,8 @@ yolov5x6 takes well under a second); GFLOPs at --imgsz come from torch.utils.flo
 (models.yolo.model_gflops), which leaves out BN and activation arithmetic; upstream's published numbers
 (its v7.0 README, parameters in millions and GFLOPs at 640) come from thop, which counts them.
 
-    python benchmarks/model_summary.py                        # P5 and P6 at 640
-    python benchmarks/model_summary.py --no-p6 --imgsz 320 --results model_summary
+    python -m benchmarks.model_summary                        # P5 and P6 at 640
+    python -m benchmarks.model_summary --no-p6 --imgsz 320 --results model_summary
 """
 import argparse
 import sys
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import add_common_args, call_ms, quiet_log, report, start
+from models.yolo import DetectionModel, model_gflops
 
-from benchmarks.timing import add_common_args, call_ms, quiet_log, report, start  # noqa: E402
-from models.yolo import DetectionModel, model_gflops  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PUBLISHED = {"yolov5n": (1.9, 4.5), "yolov5s": (7.2, 16.5), "yolov5m": (21.2, 49.0), "yolov5l": (46.5, 109.1),
              "yolov5x": (86.7, 205.7), "yolov5n6": (3.2, 4.6), "yolov5s6": (12.6, 16.8),

@@ -2,10 +2,11 @@
 
 One batch of `--batch` random images at `--imgsz` with `--boxes` random boxes per image (sizes skewed to
 small, random classes of `--nc`), used by every row; untrained weights (speed does not depend on them).
-The steps are built from train_distill's own pieces (StudentWithImitation, load_teacher, build_imitation,
-teacher_features, smart_optimizer, channels-last on the CPU) with the trainer's defaults and warm-up 0:
+The steps are the trainer's own (distill's load_teacher, resolve, build_method, StudentWithImitation;
+train_distill's build_optimizer and Stepper with AMP scaling, clipping, the optimiser step and the EMA
+update; channels-last on the CPU) with the trainer's defaults and imitation warm-up 0:
 
-- plain step: student forward + ComputeLoss + backward + optimiser step;
+- plain step: student forward + ComputeLoss + backward + clipping + optimiser step + EMA update;
 - distilled step: the plain step + the teacher's forward + the imitation term (defaults: neck maps,
   1x1 adapters, fine masks), and one row per `--variants` (3x3 adapters, head imitation, pkd norm, the cwd
   and mgd methods);
@@ -14,8 +15,8 @@ teacher_features, smart_optimizer, channels-last on the CPU) with the trainer's 
 - parts of the distilled step, each on fixed inputs: the imitation term alone (masks, adapters, loss,
   backward to the student's maps), ComputeLoss forward + backward on the student's predictions, and
   build_targets alone;
-- the imitation masks (utils/distill_mask.imitation_masks, all three levels, kinds 'fine' and 'gt')
-  against the per-image, per-box loop of tests/mask_reference.py.
+- the imitation masks (distill.masks.imitation_masks, all three levels, kinds 'fine' and 'gt')
+  against the per-image, per-box loop of distill/mask_reference.py.
 
 The steps run round-robin (`--repeats` rounds after a warm-up), the parts and masks likewise with more
 rounds; medians. Checks (exit 1 if one fails): the dense 'fine' masks agree with the loop outside the
@@ -23,9 +24,9 @@ band where an IoU is within 1e-6 of the threshold, and the masks cost at most 1%
 The budget distilled <= plain + teacher + 0.1 plain and the masks' speed-up over the loop (>= 20x) are
 shown, not enforced (a shared machine's noise can break them on one run).
 
-    OMP_NUM_THREADS=1 python benchmarks/step_speed.py --results step_speed     # batch 16 at 640, ~4 min
-    python benchmarks/step_speed.py --imgsz 160 --batch 4 --repeats 1           # smoke run
-    python benchmarks/step_speed.py --variants 3x3 head pkd cwd mgd             # + the other imitation set-ups
+    OMP_NUM_THREADS=1 python -m benchmarks.step_speed --results step_speed     # batch 16 at 640, ~4 min
+    python -m benchmarks.step_speed --imgsz 160 --batch 4 --repeats 1           # smoke run
+    python -m benchmarks.step_speed --variants 3x3 head pkd cwd mgd             # + the other imitation set-ups
 """
 import argparse
 import sys
@@ -34,19 +35,20 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import train_distill
+from benchmarks.common import add_common_args, measure, quiet_log, report, start
+from distill.mask_reference import ANCHORS, STRIDES, imitation_mask_loop
+from models.checkpoint import save_checkpoint
+from models.yolo import DetectionModel
+from distill.settings import build_method, resolve
+from distill.step import Distillation, StudentWithImitation
+from distill.teacher import load_teacher
+from distill.masks import imitation_masks, mask_coverage
+from utils.files import find_file, yaml_load
+from utils.loss import ComputeLoss, scale_loss_gains
+from utils.torch_utils import ModelEMA, training_memory_format
 
-import train_distill  # noqa: E402
-from benchmarks.timing import add_common_args, measure, quiet_log, report, start  # noqa: E402
-from models.checkpoint import save_checkpoint  # noqa: E402
-from models.yolo import DetectionModel  # noqa: E402
-from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop  # noqa: E402
-from utils import distill_setup  # noqa: E402
-from utils.distill_mask import imitation_masks, mask_coverage  # noqa: E402
-from utils.files import find_file, yaml_load  # noqa: E402
-from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
-from utils.torch_utils import smart_optimizer, training_memory_format  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOL = 1e-6  # IoU band around the mask threshold where float32 and the float64 loop may disagree
 VARIANTS = {"3x3": ["--distill-adapter", "3x3"], "head": ["--distill-target", "head"],
@@ -102,62 +104,67 @@ class StepBench:
         return model, ComputeLoss(model)
 
     def distill(self, *flags):
-        """(opt, teacher, levels, imitation) for train_distill's defaults plus `flags`, warm-up 0."""
+        """(settings, teacher, method) for train_distill's defaults plus `flags`, warm-up 0."""
         opt = train_distill.parse_opt(argv=["--teacher", str(self.teacher_pt), "--imgsz", str(self.imgsz),
                                             "--distill-warmup", "0", *flags])
-        teacher, levels = distill_setup.load_teacher(opt, self.student, self.device)
-        imitation = distill_setup.build_imitation(opt, self.student, teacher, levels, self.raw_hyp["anchor_t"])
-        return opt, teacher, levels, imitation.to(self.device)
+        teacher = load_teacher(opt.teacher, self.student, self.device, self.imgsz)
+        settings = resolve(opt, teacher, nb=1000, epochs=1)
+        return settings, teacher, build_method(settings, self.student, teacher, self.raw_hyp["anchor_t"]).to(self.device)
 
     def step(self, model=None, compute_loss=None, setup=None, seen=None):
-        """One training step as a callable: plain (setup None) or distilled with setup = distill(...).
-        seen: a dict that receives the last imitation loss and stats (detached, read after timing)."""
+        """One training step as a callable, as train_one_epoch runs it: the teacher's maps, the student with its
+        imitation term, ComputeLoss, and the trainer's Stepper (AMP scaling, clipping, optimiser step, EMA; its
+        warm-up ramp at an iteration past the imitation warm-up). Plain (setup None) or distilled with setup =
+        distill(...). seen: a dict that receives the last imitation Result (read after timing)."""
         model, compute_loss = model or self.student, compute_loss or self.compute_loss
-        opt, teacher, levels, imitation = setup or (None, None, None, None)
-        module = distill_setup.StudentWithImitation(model, imitation, opt.distill_target if opt else "neck")
-        optimizer = smart_optimizer(model, "SGD", 0.0, self.raw_hyp["momentum"], self.raw_hyp["weight_decay"],
-                                    extra_modules=[imitation] if imitation is not None else [])
-        imgs, targets = self.imgs, self.targets
+        settings, teacher, method = setup or (None, None, None)
+        distill = Distillation(settings, teacher, method)
+        module = StudentWithImitation(model, method, settings.target if settings else "neck")
+        batch = str(self.imgs.shape[0])
+        opt = train_distill.parse_opt(argv=["--batch-size", batch, "--nbs", batch])  # one optimiser step per call
+        hyp = {**model.hyp, **{k: self.raw_hyp[k] for k in ("lr0", "lrf", "momentum", "weight_decay")}}
+        optimizer, _, lf = train_distill.build_optimizer(opt, model, method, hyp)
+        stepper = train_distill.Stepper(opt, optimizer, lf, hyp, module, model, ModelEMA(model), 1000, self.amp)
+        imgs, targets, calls = self.imgs, self.targets, [0]
 
         def run():
-            optimizer.zero_grad(set_to_none=True)
+            ni = calls[0] = calls[0] + 1
+            stepper.warmup(ni, 0)
             with torch.autocast(device_type=self.device.type, enabled=self.amp):
-                t_feats = distill_setup.teacher_features(teacher, imgs, levels, opt.distill_target) if teacher else None
-                pred, kd_loss, stats = module(imgs, targets, t_feats, 0)
-                loss = compute_loss(pred, targets)[0]
-                if kd_loss is not None:
-                    assert stats["active"], "the imitation term is still in warm-up"
-                    loss = loss + kd_loss.float() * imgs.shape[0]
+                pred, kd = module(imgs, targets, distill.teacher_maps(imgs), ni)
+                loss, items = compute_loss(pred, targets)
+                if kd is not None:
+                    assert kd.active, "the imitation term is still in warm-up"
+                    loss = loss + kd.loss.float() * imgs.shape[0]
                     if seen is not None:
-                        seen.update(kd=kd_loss.detach(), stats=stats)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
+                        seen.update(kd=kd)
+            distill.observe(items, kd)
+            stepper.backward(loss, ni)
         return run
 
     def teacher_forward(self, setup):
-        opt, teacher, levels, _ = setup
+        settings, teacher, _ = setup
 
         def run():
             with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=self.amp):
-                distill_setup.teacher_features(teacher, self.imgs, levels, opt.distill_target)
+                teacher.maps(self.imgs, settings.target)
         return run
 
     def parts(self, setup):
         """({name: callable} of the distilled step's parts on fixed inputs, mask coverage % per level)."""
-        opt, teacher, levels, imitation = setup
+        settings, teacher, imitation = setup
         det, strides = self.student.model[-1], self.student.stride.tolist()
         anchors_px = [det.anchors[i] * s for i, s in enumerate(strides)]
-        t_feats = distill_setup.teacher_features(teacher, self.imgs, levels, opt.distill_target)
+        t_feats = teacher.maps(self.imgs, settings.target)
         with torch.no_grad():
             pred, s_feats = self.student(self.imgs, return_features=True)
         s_leaf = [f.detach().requires_grad_() for f in s_feats]
         p_leaf = [p.detach().requires_grad_() for p in pred]
-        coverage = mask_coverage(imitation(s_leaf, t_feats, self.targets, anchors_px, strides, 0)[1]["masks"])
+        coverage = mask_coverage(imitation(s_leaf, t_feats, self.targets, anchors_px, strides, 0).masks)
 
         def imitation_alone():
             imitation.zero_grad(set_to_none=True)
-            imitation(s_leaf, t_feats, self.targets, anchors_px, strides, 0)[0].backward()
+            imitation(s_leaf, t_feats, self.targets, anchors_px, strides, 0).loss.backward()
 
         def loss_fwd_bwd():
             self.compute_loss(p_leaf, self.targets)[0].backward()
@@ -229,7 +236,7 @@ def main(argv=None):
 
     mask_share = 100 * t["fine"].median / ref
     speedup = t["loop"].median / t["fine"].median
-    rows = [("plain step", student, "fwd + ComputeLoss + bwd + SGD step", "plain", ""),
+    rows = [("plain step", student, "fwd + ComputeLoss + bwd + clip + SGD step + EMA (Stepper)", "plain", ""),
             ("distilled step", f"{student} + {teacher} teacher", "plain + teacher fwd + imitation (neck, 1x1)",
              "distilled", budget("distilled")),
             ("teacher forward", teacher, "frozen, BN-fused, no_grad", "teacher", ""),
@@ -240,10 +247,10 @@ def main(argv=None):
              + " / ".join(f"{c:.0f}%" for c in coverage) + " (P3/P4/P5)", "imitation", ""),
             ("ComputeLoss fwd + bwd", student, "on the student's predictions", "loss", ""),
             ("build_targets", student, "matching targets to anchors and cells", "build_targets", ""),
-            ("imitation masks, fine (the default)", "3 levels", "utils/distill_mask.py, dense", "fine",
+            ("imitation masks, fine (the default)", "3 levels", "distill/masks.py, dense", "fine",
              f"<= 1% of the {reference} step: {'holds' if mask_share <= 1 else 'FAILS'}"),
-            ("imitation masks, gt", "3 levels", "utils/distill_mask.py, dense", "gt", ""),
-            ("imitation masks, per-box loop", "3 levels", "tests/mask_reference.py, fine", "loop",
+            ("imitation masks, gt", "3 levels", "distill/masks.py, dense", "gt", ""),
+            ("imitation masks, per-box loop", "3 levels", "distill/mask_reference.py, fine", "loop",
              f"{speedup:.1f}x the dense fine masks' time (>= 20x: {'holds' if speedup >= 20 else 'FAILS'})")]
     header = ["what", "model", "detail", "median ms", "CPU ms", "/ plain step", "/ plain step, CPU",
               f"% of {reference} step", "check"]

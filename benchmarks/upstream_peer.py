@@ -17,16 +17,16 @@ rows side by side. Both sides run with the same thread count, which bit-identica
 convolutions round differently with another OMP thread count). Results: benchmarks/results/
 val_parity[_TAG].{csv,md}.
 
-    python benchmarks/upstream_peer.py --skip-train --val-rounds 0 --data shapes.yaml --epochs 4
-    python benchmarks/upstream_peer.py --peer-weights runs/peer/best.pt --val-rounds 0 --data shapes.yaml
+    python -m benchmarks.upstream_peer --skip-train --val-rounds 0 --data shapes.yaml --epochs 4
+    python -m benchmarks.upstream_peer --peer-weights runs/peer/best.pt --val-rounds 0 --data shapes.yaml
 
 Reported per run: wall seconds, CPU seconds (user + sys of the process and its reaped workers) and the
 training-loop seconds read off the progress bars; per side the medians; and the ratios peer / ours
 (> 1: ours is faster). The machine is shared: quote the ratios, not the seconds.
 
-    python benchmarks/upstream_peer.py                     # 3 rounds
+    python -m benchmarks.upstream_peer                     # 3 rounds
     python -m benchmarks.upstream_peer --rounds 5 --tag after_loader
-    python benchmarks/upstream_peer.py --skip-val --rounds 1
+    python -m benchmarks.upstream_peer --skip-val --rounds 1
 
 Peer set-up (offline): python -m venv --system-site-packages /work/venv-peer;
 /work/venv-peer/bin/pip install yolov5==7.0.14 "setuptools<81" "numpy<2.4" (the package imports
@@ -54,8 +54,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import command, commit, cpu_name, machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 NAMES = ["circle", "ellipse", "square", "rectangle", "hexagon", "star"]
 ALL_ROW = re.compile(r"^\s*all\s+(\d+)\s+(\d+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s*$",
@@ -63,20 +64,10 @@ ALL_ROW = re.compile(r"^\s*all\s+(\d+)\s+(\d+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\
 BAR = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d\d)<")  # tqdm: n/total [elapsed<remaining
 
 
-def sh(cmd) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def machine() -> dict:
+def run_info() -> dict:
+    """The commit and machine fields of the CSV rows, from the stamp helpers every benchmark shares."""
     import torch
-    model = next((line.split(":", 1)[1].strip() for line in sh(["lscpu"]).splitlines()
-                  if line.startswith("Model name")), "unknown CPU")
-    dirty = "+uncommitted" if sh(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]) else ""
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "commit": sh(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) + dirty}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "commit": commit()}
 
 
 def shapes_data(n_train: int, n_val: int, size: int) -> Path:
@@ -205,11 +196,11 @@ def write_parity(opt, argv, info, train_flags, vflags, peer_best, parity, agree)
             w.writerow([side, *parity[side][0], agree[side], agree["equal"], info["commit"], info["cpu"],
                         info["cores"], info["torch"], opt.threads or "unset"])
     same = parity["peer"][0] == parity["ours"][0]
-    command = shlex.join(["python", "benchmarks/upstream_peer.py", *(argv if argv is not None else sys.argv[1:])])
+    # Both sides run in child processes: their OMP thread count stands where this process's would.
+    threads = f"OMP threads {opt.threads or 'unset'} on both sides"
     lines = ["# val.py vs upstream YOLOv5's val (pip yolov5 7.0.14, black-box CLI) on the same weights", "",
-             f"- command: `{command.strip()}`", f"- commit: {info['commit']}",
-             f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-             f"OMP threads {opt.threads or 'unset'} on both sides",
+             f"- command: `{command(argv, __file__)}`", f"- commit: {info['commit']}",
+             f"- machine: {machine(detail=threads)}",
              (f"- weights: best.pt of `yolov5 train {shlex.join(map(str, train_flags))}`" if train_flags else
               f"- weights: `{peer_best}` (the peer's)"),
              f"- val flags (both sides, plus --save-json): `{shlex.join(map(str, vflags[2:]))}`; "
@@ -265,7 +256,7 @@ def main(argv=None):
     if not peer_cli.is_file():
         sys.exit(f"peer CLI {peer_cli} not found: see this script's docstring for the set-up")
     peer_python = str(peer_cli.parent / "python")
-    info = machine()
+    info = run_info()
     work = Path(tempfile.mkdtemp(prefix="upstream_peer_"))
     data = resolved_data(opt.data, work / "data.yaml") if opt.data else shapes_data(opt.n_train, opt.n_val, opt.imgsz)
     nb = -(-opt.n_train // opt.batch_size)  # the progress bar length (for the generated set)
@@ -358,11 +349,11 @@ def write_speed(opt, argv, info, flags, runs, summary, val_rows):
         for x in runs:
             w.writerow([x["phase"], x["round"], x["side"], f"{x['wall_s']:.2f}", f"{x['cpu_s']:.2f}",
                         fmt(x["loop_s"], 0), info["commit"], info["cpu"], info["cores"], info["torch"]])
-    command = shlex.join(["python", "benchmarks/upstream_peer.py", *(argv if argv is not None else sys.argv[1:])])
+    # The runs are child processes: their OMP thread count stands where this process's would.
+    threads = f"OMP threads {opt.threads or 'unset'}"
     lines = [f"# Whole-process speed vs upstream YOLOv5 (pip yolov5 7.0.14, black-box CLI){' - ' + opt.tag if opt.tag else ''}",
-             "", f"- command: `{command.strip()}`", f"- commit: {info['commit']}",
-             f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-             f"OMP threads {opt.threads or 'unset'}; shared with other jobs (load varies: compare ratios)",
+             "", f"- command: `{command(argv, __file__)}`", f"- commit: {info['commit']}",
+             f"- machine: {machine(detail=threads)}; shared with other jobs (load varies: compare ratios)",
              f"- train recipe (both): `{shlex.join(map(str, flags))}`",
              (f"- data: {opt.data}" if opt.data else
               f"- data: shapes, {opt.n_train} train / {opt.n_val} val images, nominal {opt.imgsz} px"), "",

@@ -115,6 +115,29 @@ def log_lines():
         LOGGER.removeHandler(h)
 
 
+def distill_settings(method="fgfi", weight=1.0, warmup=0, target="neck", **params):
+    """Frozen DistillSettings of a method, without a teacher file: params are the method's own (FGFI's norm,
+    CWD's tau, ...), the rest as a run resolves them by default."""
+    from distill import METHODS
+    from distill.settings import DistillSettings
+
+    return DistillSettings(method=method, teacher="", teacher_sha256=None, target=target, weight=weight,
+                           warmup=warmup, auto_ratio=1.0, auto_iters=20, params=METHODS[method].Params(**params))
+
+
+def fgfi_term(student_feats, teacher_feats, masks, adapters, norm="none"):
+    """FGFI's imitation term on given masks and adapters: -> (loss, per_level) of an FGFI (weight 1, no warm-up)
+    whose adapters are `adapters` (a ModuleList) and whose masks are `masks`, at iteration 0."""
+    from distill.fgfi import FGFI
+
+    method = FGFI(distill_settings(norm=norm), [s.shape[1] for s in student_feats],
+                  [t.shape[1] for t in teacher_feats])
+    method.add_adapters(adapters)  # replaces the built ones (the list and the registered modules)
+    method.masks = lambda *args: masks
+    result = method(student_feats, teacher_feats, iteration=0)
+    return result.loss, result.per_level
+
+
 @pytest.fixture
 def logs():
     """The LOGGER messages of the test (log_lines as a fixture)."""

@@ -1,12 +1,15 @@
-"""Fine-grained Feature Imitation: adapters, loss, FeatureImitation (the masks: test_distill_mask.py)."""
+"""Fine-grained Feature Imitation: adapters, loss, the FGFI method (the masks: test_distill_mask.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from tests.mask_reference import ANCHORS, STRIDES
-from utils.distill import FeatureImitation, build_adapters, imitation_loss, imitation_mask, mask_coverage
+from distill.adapters import adapt_at, build_adapters
+from distill.fgfi import FGFI
+from distill.mask_reference import ANCHORS, STRIDES
+from distill.masks import imitation_mask, mask_coverage
+from tests.conftest import distill_settings, fgfi_term
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -43,13 +46,13 @@ def test_loss_value_by_hand():
     m0[0, 1, 2] = m0[1, 0, 0] = m0[0, 2, 0] = True  # N_p = 3
     m1 = torch.ones(1, 2, 2, dtype=torch.bool)  # N_p = 4
     adapters = build_adapters([1, 1], [1, 1], "none")
-    loss, per_level = imitation_loss([s0, s1], [t0, t1], [m0, m1], adapters)
+    loss, per_level = fgfi_term([s0, s1], [t0, t1], [m0, m1], adapters)
     expected = [(9 + 4) / (2 * 3), 4 / (2 * 4)]
     assert per_level.tolist() == pytest.approx(expected) and not per_level.requires_grad
     assert loss.item() == pytest.approx(sum(expected))
     two = [torch.cat((s0, s0), 1)], [torch.cat((t0, t0), 1)]  # 2 channels: twice the sum, halved by 'channel'
-    raw, _ = imitation_loss(*two, [m0], build_adapters([2], [2], "none"))
-    norm, _ = imitation_loss(*two, [m0], build_adapters([2], [2], "none"), normalize="channel")
+    raw, _ = fgfi_term(*two, [m0], build_adapters([2], [2], "none"))
+    norm, _ = fgfi_term(*two, [m0], build_adapters([2], [2], "none"), norm="channel")
     assert raw.item() == pytest.approx(2 * expected[0]) and norm.item() == pytest.approx(expected[0])
 
 
@@ -66,7 +69,7 @@ def test_loss_gradients_reach_student_and_adapter_not_teacher():
     student, teacher, s, t = _student_teacher()
     adapters = build_adapters([4], [6], "3x3")
     masks = [torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5]
-    loss, _ = imitation_loss([s], [t], masks, adapters)
+    loss, _ = fgfi_term([s], [t], masks, adapters)
     loss.backward()
     assert loss.item() > 0 and math.isfinite(loss.item())
     assert student.weight.grad.abs().sum() > 0 and adapters[0][0].weight.grad.abs().sum() > 0
@@ -77,7 +80,7 @@ def test_loss_gradients_reach_student_and_adapter_not_teacher():
 def test_loss_zero_mask_is_zero_and_connected(kind):
     student, _, s, t = _student_teacher()
     adapters = build_adapters([4], [6], kind)
-    loss, per_level = imitation_loss([s], [t], [torch.zeros(2, 8, 8, dtype=torch.bool)], adapters)
+    loss, per_level = fgfi_term([s], [t], [torch.zeros(2, 8, 8, dtype=torch.bool)], adapters)
     assert loss.item() == 0.0 and torch.isfinite(per_level).all() and loss.requires_grad
     loss.backward()
     conv = adapters[0] if kind == "1x1" else adapters[0][0]
@@ -88,8 +91,8 @@ def test_loss_float32_under_autocast():
     student, _, s, t = _student_teacher()
     adapters = build_adapters([4], [6], "3x3")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, per_level = imitation_loss([s.bfloat16()], [t.bfloat16()], [torch.ones(2, 8, 8, dtype=torch.bool)],
-                                         adapters)
+        loss, per_level = fgfi_term([s.bfloat16()], [t.bfloat16()], [torch.ones(2, 8, 8, dtype=torch.bool)],
+                                    adapters)
     assert loss.dtype == torch.float32 and per_level.dtype == torch.float32
     loss.backward()
     assert adapters[0][0].weight.grad.dtype == torch.float32
@@ -98,38 +101,43 @@ def test_loss_float32_under_autocast():
 def test_loss_shape_mismatch_is_clear():
     _, _, s, t = _student_teacher()
     with pytest.raises(ValueError, match="shapes differ"):
-        imitation_loss([s], [t[:, :, :4]], [torch.ones(2, 8, 8, dtype=torch.bool)], build_adapters([4], [6]))
+        fgfi_term([s], [t[:, :, :4]], [torch.ones(2, 8, 8, dtype=torch.bool)], build_adapters([4], [6]))
 
 
 # ----------------------------------------------------------------------------------------- the module
 
-def test_feature_imitation_module():
-    fi = FeatureImitation([4, 8, 16], [6, 12, 24], levels=[0, 2], weight=0.5, warmup=3)
-    assert set(fi.state_dict()) == set(build_adapters([4, 16], [6, 24]).state_dict())
-    fi.load_state_dict(build_adapters([4, 16], [6, 24]).state_dict())  # a checkpoint's 'adapters' loads back
+def test_fgfi_module_imitates_every_level():
+    """Every level is imitated (the old levels= sub-selection is gone): one adapter per level, keys '<k>.*';
+    the warm-up gives a connected zero (and the masks, for the plot and the log); then weight x raw."""
+    fi = FGFI(distill_settings(weight=0.5, warmup=3, norm="none"), [4, 8, 16], [6, 12, 24])
+    assert set(fi.state_dict()) == set(build_adapters([4, 8, 16], [6, 12, 24]).state_dict())
+    fi.load_state_dict(build_adapters([4, 8, 16], [6, 12, 24]).state_dict())  # a checkpoint's 'adapters' loads back
     torch.manual_seed(0)
     sf = [torch.randn(2, c, 64 // s, 64 // s, requires_grad=True) for c, s in zip((4, 8, 16), STRIDES)]
     tf = [torch.randn(2, c, 64 // s, 64 // s) for c, s in zip((6, 12, 24), STRIDES)]
     targets = torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.4], [1, 1, 0.3, 0.6, 0.2, 0.3]])
     anchors = [a.clone() for a in ANCHORS]
 
-    loss, stats = fi(sf, tf, targets, anchors, torch.tensor([8.0, 16.0, 32.0]), iteration=0)  # warming up
-    assert loss.item() == 0.0 and loss.requires_grad and not stats["active"]
-    assert torch.equal(stats["masks"][0], imitation_mask(targets, anchors[0], 8, (8, 8), 2))  # for plot and log
-    loss.backward()
-    assert sf[0].grad is not None and sf[1].grad is None  # connected to the imitated levels only
+    r = fi(sf, tf, targets, anchors, torch.tensor([8.0, 16.0, 32.0]), iteration=0)  # warming up
+    assert r.loss.item() == 0.0 and r.loss.requires_grad and not r.active
+    assert torch.equal(r.masks[0], imitation_mask(targets, anchors[0], 8, (8, 8), 2))  # for plot and log
+    r.loss.backward()
+    assert all(x.grad is not None for x in sf)  # connected to every (imitated) level
+    assert all(p.grad is not None for p in fi.parameters())  # and every adapter (DDP needs them all)
 
-    loss, stats = fi(sf, tf, targets, anchors, [8, 16, 32], iteration=3)
-    assert loss.item() > 0 and stats["raw"].item() == pytest.approx(loss.item() / 0.5) and stats["active"]
-    assert stats["per_level"].shape == (2,) and len(stats["masks"]) == 2
-    assert stats["masks"][0].shape == (2, 8, 8) and stats["masks"][1].shape == (2, 2, 2)
-    assert torch.equal(stats["masks"][0], imitation_mask(targets, anchors[0], 8, (8, 8), 2))
-    assert all(0 < c < 100 for c in mask_coverage(stats["masks"][:1]))
+    r = fi(sf, tf, targets, anchors, [8, 16, 32], iteration=3)
+    assert r.loss.item() > 0 and r.raw.item() == pytest.approx(r.loss.item() / 0.5) and r.active
+    assert r.per_level.shape == (3,) and len(r.masks) == 3
+    assert [tuple(m.shape) for m in r.masks] == [(2, 8, 8), (2, 4, 4), (2, 2, 2)]
+    assert torch.equal(r.masks[0], imitation_mask(targets, anchors[0], 8, (8, 8), 2))
+    assert all(0 < c < 100 for c in mask_coverage(r.masks[:1]))
     with pytest.raises(ValueError, match="levels"):
-        FeatureImitation([4], [6], levels=[1])
+        FGFI(distill_settings(), [4], [6, 12])
+    with pytest.raises(ValueError, match="levels"):
+        fi(sf[:2], tf[:2], targets, anchors[:2], [8, 16], iteration=3)
 
 
-def test_feature_imitation_on_detection_models():
+def test_fgfi_on_detection_models():
     """Student and teacher DetectionModels: features from return_features, anchors in pixels from Detect."""
     from models.yolo import DetectionModel
     from utils.files import find_file, yaml_load
@@ -143,9 +151,9 @@ def test_feature_imitation_on_detection_models():
         _, tf = teacher(x, return_features=True)
     det = student.model[-1]
     anchors_px = [det.anchors[i] * det.stride[i] for i in range(det.nl)]
-    fi = FeatureImitation([f.shape[1] for f in sf], [f.shape[1] for f in tf])
+    fi = FGFI(distill_settings(weight=0.01, norm="none"), [f.shape[1] for f in sf], [f.shape[1] for f in tf])
     targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.2, 0.7, 0.1, 0.1]])
-    loss, stats = fi(sf, tf, targets, anchors_px, student.stride, iteration=0)
+    loss = fi(sf, tf, targets, anchors_px, student.stride, iteration=0).loss
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
@@ -154,9 +162,8 @@ def test_feature_imitation_on_detection_models():
 
 @pytest.mark.parametrize("kind", ["3x3", "1x1"])
 def test_adapter_at_masked_cells_equals_full_conv(kind):
-    """imitation_loss evaluates the adapter only under the mask; value and gradients must equal the
+    """FGFI evaluates the adapter only under the mask; value and gradients must equal the
     whole-map conv followed by masking (cells at the border included, where the 3x3 patch is padded)."""
-    from utils.distill import adapt_at, build_adapters, imitation_loss
     g = torch.Generator().manual_seed(0)
     ad = build_adapters([8], [16], kind)
     with torch.no_grad():
@@ -170,7 +177,7 @@ def test_adapter_at_masked_cells_equals_full_conv(kind):
     b, y, x = m.nonzero(as_tuple=True)
     assert torch.allclose(adapt_at(ad[0], s, b, y, x), full[b, :, y, x], atol=1e-5)
     ref = torch.where(m, (full - t).pow(2).sum(1), 0.0).sum() / (2 * m.sum())
-    loss, _ = imitation_loss([s], [t], [m], ad)
+    loss, _ = fgfi_term([s], [t], [m], ad)
     assert torch.allclose(loss, ref, rtol=1e-5)
     params = [s, *ad.parameters()]
     for a, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):

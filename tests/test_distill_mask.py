@@ -1,11 +1,11 @@
-"""Imitation masks (utils/distill_mask.py): hand-computed cases, and the per-box loop of tests/mask_reference.py
+"""Imitation masks (distill/masks.py): hand-computed cases, and the per-box loop of distill/mask_reference.py
 at tolerance (cells whose IoU is within TOL of the threshold may differ)."""
 import pytest
 import torch
 
-import utils.distill_mask as distill_mask
-from tests.mask_reference import ANCHORS, STRIDES, imitation_mask_loop
-from utils.distill_mask import imitation_mask, imitation_masks, mask_coverage
+import distill.masks as distill_mask
+from distill.mask_reference import ANCHORS, STRIDES, imitation_mask_loop
+from distill.masks import imitation_mask, imitation_masks, mask_coverage
 
 TOL = 1e-6
 

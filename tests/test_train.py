@@ -45,7 +45,7 @@ def test_noplots_run_never_imports_matplotlib(tiny_data, tiny_cfg, tmp_path):
             f"train_distill.run(cfg={str(tiny_cfg)!r}, data={str(tiny_data)!r}, imgsz=64, batch_size=8, epochs=1, "
             f"workers=0, device='cpu', project={str(tmp_path / 'runs')!r}, name='exp', noplots=True)\n"
             "print('matplotlib' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "False"  # its import alone is ~0.5 s of every start-up
@@ -106,7 +106,7 @@ def test_image_size_rounded_up_to_stride(tiny_data, tiny_cfg, tmp_path):
 
 def test_cli_bad_input_exits_with_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "train_distill.py", "--data", "missing_data.yaml", "--project", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     assert "ERROR" in r.stdout + r.stderr and "missing_data.yaml" in r.stdout + r.stderr
     assert "Traceback" not in r.stderr
@@ -136,7 +136,7 @@ def test_ddp_two_process_gloo(tiny_data, tiny_cfg, tmp_path):
            "train_distill.py", "--cfg", str(tiny_cfg), "--data", str(tiny_data), "--imgsz", "64", "--batch-size", "8",
            "--epochs", "1", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "ddp",
            "--noplots", "--noautoanchor", "--sync-bn"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SyncBatchNorm needs a GPU" in r.stdout + r.stderr  # --sync-bn on CPU ranks: warned, not a crash
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())

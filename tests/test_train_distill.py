@@ -11,8 +11,8 @@ import train_distill
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models.yolo import DetectionModel
 from tests.conftest import killed_after_first_epoch, read_csv, resume_recording_loaded_state, tiny_cfg_dict
-from utils import distill_setup
-from utils.distill import FeatureImitation
+from distill.fgfi import FGFI
+from distill.teacher import load_teacher
 
 pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
 
@@ -51,7 +51,7 @@ def test_distilled_student_checkpoint_is_a_plain_model(tiny_data, tiny_cfg, tmp_
     assert ck_kd["model"].keys() == ck_plain["model"].keys()  # no adapter inside the student
     rec = ck_kd["distill"]
     assert rec["teacher"] == str(teacher) and len(rec["teacher_sha256"]) == 64
-    assert (rec["target"], rec["mask"], rec["thresh"]) == ("neck", "fine", 0.5)
+    assert (rec["method"], rec["target"], rec["mask"], rec["thresh"], rec["norm"]) == ("fgfi", "neck", "fine", 0.5, "kl")
     rows = (d / "results.csv").read_text().splitlines()
     assert "train/kd_loss" in rows[0] and float(rows[1].split(",")[4]) > 0  # its own column, non-zero
     assert (d / "distill_masks.jpg").is_file()
@@ -101,14 +101,13 @@ def test_teacher_is_frozen_fused_and_gives_the_same_maps(tmp_path):
     """load_teacher: eval, no gradients, BatchNorm folded into the convs (cheaper forward), same neck maps."""
     path = make_teacher(tmp_path / "t.pt")
     student = DetectionModel(tiny_cfg_dict("yolov5n.yaml", width=0.25, nc=6))
-    opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64"])
-    teacher, levels = distill_setup.load_teacher(opt, student, torch.device("cpu"))
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    teacher = load_teacher(path, student, torch.device("cpu"), 64)
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.model.modules())
     unfused = load_model(path)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        got = distill_setup.teacher_features(teacher, x, levels, "neck")
+        got = teacher.maps(x, "neck")
         want = unfused(x, return_features=True)[1]
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, want))
 
@@ -120,15 +119,17 @@ def test_fp16_teacher_takes_float_images_and_gives_float32_maps(tmp_path, target
     maps to the loss. Checked here on the CPU (fp16 convs run there too, slowly) against the fp32 teacher."""
     path = make_teacher(tmp_path / "t.pt")
     student = DetectionModel(tiny_cfg_dict("yolov5n.yaml", width=0.25, nc=6))
-    opt = train_distill.parse_opt(argv=["--teacher", str(path), "--imgsz", "64"])
-    teacher, levels = distill_setup.load_teacher(opt, student, torch.device("cpu"))
+    teacher = load_teacher(path, student, torch.device("cpu"), 64)
     x = torch.rand(2, 3, 64, 64)
-    want = distill_setup.teacher_features(teacher, x, levels, target)
-    got = distill_setup.teacher_features(teacher.half(), x, levels, target)
-    assert next(teacher.parameters()).dtype == torch.float16
+    want = teacher.maps(x, target)
+    teacher.model.half()
+    got = teacher.maps(x, target)
+    assert next(teacher.model.parameters()).dtype == torch.float16
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape
         assert (a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-3  # fp16 rounding only
+
+
 def test_neck_mode_with_teacher_of_other_nc(tiny_data, tiny_cfg, tmp_path):
     teacher = make_teacher(tmp_path / "coco_like.pt", nc=80)
     opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher)
@@ -152,9 +153,9 @@ def test_p6_teacher_imitates_the_matching_levels(tiny_data, tiny_cfg, tmp_path, 
     real = train_distill.load_teacher
 
     def spy(*a, **k):
-        t, levels = real(*a, **k)
-        seen["levels"] = levels
-        return t, levels
+        t = real(*a, **k)
+        seen["levels"] = t.levels
+        return t
 
     monkeypatch.setattr(train_distill, "load_teacher", spy)
     kd_run(tiny_data, tiny_cfg, tmp_path, teacher, imgsz=128)
@@ -181,7 +182,7 @@ def test_resume_of_a_distilling_run_keeps_the_adapters(tiny_data, tiny_cfg, tmp_
     saved = torch.load(last, weights_only=True)["adapters"]
     assert saved, "an unfinished distilling run keeps its adapters in last.pt"
 
-    opt, loaded = resume_recording_loaded_state(monkeypatch, FeatureImitation, last)
+    opt, loaded = resume_recording_loaded_state(monkeypatch, FGFI, last)
     assert opt.teacher == str(teacher) and loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k].float()) for k in saved)
 

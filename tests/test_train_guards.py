@@ -10,7 +10,8 @@ import train_distill
 from tests.conftest import killed_after_first_epoch, read_csv
 from tests.test_train_distill import kd_run, make_teacher
 from tests.test_train import tiny_run
-from utils import distill_setup
+from distill.settings import distill_warmup
+from distill.teacher import file_sha256
 from utils.logging import UserError
 
 pytestmark = pytest.mark.slow  # end-to-end runs: skipped by pytest -m "not slow"
@@ -43,7 +44,7 @@ def test_warm_up_longer_than_the_run_warns(tiny_data, tiny_cfg, tmp_path, logs):
     (49, 50, 1, 49, False),
     (0, 3, 1, 0, False)])
 def test_distill_warmup_values(warmup, nb, epochs, expected, warns, logs):
-    assert distill_setup.distill_warmup(warmup, nb, epochs) == expected
+    assert distill_warmup(warmup, nb, epochs) == expected
     assert bool(logs) == warns
 
 
@@ -54,11 +55,11 @@ def test_resume_with_a_changed_teacher(tiny_data, tiny_cfg, tmp_path, monkeypatc
     killed_after_first_epoch(monkeypatch, lambda: kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2))
     last = tmp_path / "runs" / "kd" / "weights" / "last.pt"
     started = torch.load(last, weights_only=True)["distill"]["teacher_sha256"]
-    assert started == distill_setup.file_sha256(teacher)
+    assert started == file_sha256(teacher)
     ck = torch.load(teacher, weights_only=True)  # same architecture (the adapters still fit), other weights
     ck["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ck["model"].items()}
     torch.save(ck, teacher)
-    now = distill_setup.file_sha256(teacher)
+    now = file_sha256(teacher)
 
     with pytest.raises(ValueError, match=rf"teacher {teacher} has changed .*{started[:12]}.*{now[:12]}.*"
                                          r"--teacher-changed-ok"):

@@ -40,15 +40,12 @@ class LoadImagesAndLabels(Dataset):
     """
 
     def __init__(self, path, img_size=640, batch_size=16, augment=False, hyp=None, rect=False,
-                 image_weights=False, cache_images=False, single_cls=False, stride=32, pad=0.0, prefix="",
-                 nc=None):
+                 cache_images=False, single_cls=False, stride=32, pad=0.0, prefix="", nc=None):
         self.img_size, self.augment, self.rect, self.stride = img_size, augment, rect, stride
         self.hyp = _load_hyp(hyp) if augment else (hyp or {})
         self.mosaic = augment and not rect  # rect batches and a 4-image mosaic exclude each other
         self.mosaic_border = (-img_size // 2, -img_size // 2)
         self.prefix = prefix
-        if image_weights:
-            LOGGER.warning(f"{prefix}WARNING ⚠️ image_weights is not implemented and is ignored")
         if augment and self.hyp.get("copy_paste", 0) > 0:
             LOGGER.warning(f"{prefix}WARNING ⚠️ copy_paste needs segment labels and is ignored")
 
@@ -255,7 +252,7 @@ def seed_worker(worker_id):
 
 
 def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=None, augment=False, cache=False,
-                      pad=0.0, rect=False, rank=-1, workers=8, image_weights=False, quad=False, prefix="",
+                      pad=0.0, rect=False, rank=-1, workers=8, prefix="",
                       shuffle=False, seed=0, nc=None):
     """-> (DataLoader, LoadImagesAndLabels). Batches: (uint8 [bs, 3, H, W] RGB, targets [n, 6], paths, shapes).
 
@@ -267,11 +264,9 @@ def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=Non
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING ⚠️ rect=True is incompatible with shuffle, setting shuffle=False")
         shuffle = False
-    if quad:
-        LOGGER.warning(f"{prefix}WARNING ⚠️ quad is not implemented and is ignored")
     with torch_distributed_zero_first(rank):  # rank 0 scans and writes the cache, the others then read it
         dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
-                                      image_weights=image_weights, cache_images=cache, single_cls=single_cls,
+                                      cache_images=cache, single_cls=single_cls,
                                       stride=int(stride), pad=pad, prefix=prefix, nc=nc)
     batch_size = min(batch_size, len(dataset))
     nd = max(torch.cuda.device_count(), 1)

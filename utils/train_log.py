@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.distill import mask_coverage
+from distill.masks import mask_coverage
 from utils.logging import LOGGER
 from utils.plots import plot_distill_masks, plot_images
 
@@ -33,7 +33,7 @@ class TrainLogger:
         self.pbar = tqdm(batches, total=total, bar_format="{l_bar}{bar:10}{r_bar}", file=sys.stdout)
         return self.pbar
 
-    def batch(self, epoch, i, ni, imgs, targets, paths, mloss, kd_stats):
+    def batch(self, epoch, i, ni, imgs, targets, paths, mloss, kd):
         """After a step: the progress line; the first three batches and FGFI's masks drawn once; mask coverage and
         raw imitation losses sampled every 10th batch (they need a device sync)."""
         mem = f"{torch.cuda.memory_reserved() / 1e9 if imgs.is_cuda else 0:.3g}G"
@@ -41,22 +41,22 @@ class TrainLogger:
                                                                  targets.shape[0], imgs.shape[-1]))
         if self.plots and ni < 3:
             plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", names=self.names)
-        if self.plots and ni == 0 and kd_stats.get("masks"):  # FGFI's masks (cwd and mgd have none)
-            plot_distill_masks(imgs, targets, kd_stats["masks"], self.strides, self.save_dir / "distill_masks.jpg")
-        if kd_stats and i % 10 == 0:
-            self.distill_scalars(ni, kd_stats)
+        if self.plots and ni == 0 and kd is not None and kd.masks:  # FGFI's masks (cwd and mgd have none)
+            plot_distill_masks(imgs, targets, kd.masks, self.strides, self.save_dir / "distill_masks.jpg")
+        if kd is not None and i % 10 == 0:
+            self.distill_scalars(ni, kd)
 
-    def distill_scalars(self, ni, kd_stats):
-        cover = mask_coverage(kd_stats["masks"])  # empty for the terms without a mask (cwd, mgd)
+    def distill_scalars(self, ni, kd):
+        cover = mask_coverage(kd.masks)  # empty for the terms without a mask (cwd, mgd)
         if cover:
             self.cover = [c + x for c, x in zip(self.cover, cover)] if self.cover else list(cover)
             self.cover_n += 1
-        if kd_stats["active"]:  # during warm-up the term is not computed
-            self.tb.add_scalar("distill/raw_loss", float(kd_stats["raw"]), ni)
-        for k, (level, raw) in enumerate(zip(self.levels, kd_stats["per_level"].tolist())):
+        if kd.active:  # during warm-up the term is not computed
+            self.tb.add_scalar("distill/raw_loss", float(kd.raw), ni)
+        for k, (level, raw) in enumerate(zip(self.levels, kd.per_level.tolist())):
             if cover:
                 self.tb.add_scalar(f"distill/{level}_coverage", cover[k], ni)
-            if kd_stats["active"]:
+            if kd.active:
                 self.tb.add_scalar(f"distill/{level}_raw_loss", raw, ni)
 
     def epoch_coverage(self) -> list:

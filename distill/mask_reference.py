@@ -1,7 +1,7 @@
 """The imitation mask as a per-image, per-box loop: the reference for tests/test_distill_mask.py and the
 baseline the masks are timed against in benchmarks/step_speed.py.
 
-Written independently of utils/distill_mask.py: boxes and anchor boxes as corners, their IoU by
+Written independently of distill/masks.py: boxes and anchor boxes as corners, their IoU by
 utils.boxes.box_iou, in the dtype of the targets (float64 targets give a reference well below float32
 rounding).
 """
@@ -16,7 +16,7 @@ ANCHORS = [torch.tensor(a, dtype=torch.float32).view(-1, 2) for a in  # yolov5s'
 
 def imitation_mask_loop(targets, anchors, stride, feature_hw, batch_size, thresh=0.5, kind="fine", anchor_t=None,
                         tol=None):
-    """bool [batch_size, h, w], the mask utils.distill_mask.imitation_mask defines (same arguments).
+    """bool [batch_size, h, w], the mask distill.masks.imitation_mask defines (same arguments).
 
     For each image and each of its boxes: the IoU of the box with the anchor boxes centred on every cell,
     cells with IoU > thresh * (the box's best IoU), any over anchors, OR into the image's mask. Rows with

@@ -7,6 +7,8 @@
 - add_common_args() / start(): the --threads and --results flags every script takes.
 - report(): prints the Markdown table and, with --results NAME, writes benchmarks/results/NAME.csv and
   NAME.md stamped with the commit, the command line and the machine.
+- commit(), command(), machine(): that stamp, also used by the scripts that write their own results
+  files (distill_gain.py, upstream_peer.py), so that every results file names its run alike.
 """
 import csv
 import logging
@@ -117,19 +119,28 @@ def start(opt):
         torch.set_num_threads(opt.threads)
 
 
-def machine(device=None) -> str:
-    """One line: CPU model, cores, load average, torch and its thread count, and the GPU if one is used."""
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (the platform's processor or machine name elsewhere)."""
     cpu = platform.processor() or platform.machine()
     info = Path("/proc/cpuinfo")
     if info.exists():
         cpu = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")),
                    cpu)
+    return cpu
+
+
+def machine(device=None, detail=None) -> str:
+    """One line: CPU model, cores, load average, torch and its thread count, and the GPU if one is used.
+
+    detail: said after the torch version instead of this process's thread count, for scripts whose measured
+    work runs in child processes with threads of their own (e.g. "OMP threads 1 on both sides").
+    """
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     gpu = ""
     if device is not None and torch.device(device).type == "cuda":
         gpu = f", {torch.cuda.get_device_name(device)}"
-    return (f"{cpu}, {os.cpu_count()} cores{load}{gpu}, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"thread(s)")
+    threads = f", {detail}" if detail else f" with {torch.get_num_threads()} thread(s)"
+    return f"{cpu_name()}, {os.cpu_count()} cores{load}{gpu}, torch {torch.__version__}{threads}"
 
 
 def commit() -> str:
@@ -142,12 +153,20 @@ def commit() -> str:
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.yaml") else "")
 
 
-def command() -> str:
-    """The command line of this process as one would type it again, OMP_NUM_THREADS included when set."""
+def command(args=None, script=None) -> str:
+    """The command line of this process as one would type it again, OMP_NUM_THREADS included when set.
+
+    args: the arguments (default sys.argv[1:]); script: the file that ran (default sys.argv[0]), for a
+    script's main(argv) called from other code. A script of this package is typed as a module
+    (`python -m benchmarks.NAME`): run that way sys.argv[0] is its file, and only that way do its imports
+    of the project resolve.
+    """
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    script = Path(sys.argv[0]).resolve()
-    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    return f"{env}python {script} {shlex.join(sys.argv[1:])}".strip()
+    path = Path(script or sys.argv[0]).resolve()
+    path = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    how = f"-m benchmarks.{path.stem}" if path.parent == Path("benchmarks") and path.suffix == ".py" else str(path)
+    args = sys.argv[1:] if args is None else [str(a) for a in args]
+    return f"{env}python {how} {shlex.join(args)}".strip()
 
 
 def markdown_table(header, rows) -> str:
