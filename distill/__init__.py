@@ -2,5 +2,6 @@
 from distill.cwd import CWD
 from distill.fgfi import FGFI
 from distill.mgd import MGD
+from distill.sl2 import SL2
 
-METHODS = {m.name: m for m in (FGFI, CWD, MGD)}
+METHODS = {m.name: m for m in (FGFI, CWD, MGD, SL2)}

@@ -28,7 +28,7 @@ class CWD(DistillMethod):
     Params = CWDParams
     weight_aliases = ("--cwd-weight",)
 
-    def __init__(self, settings, student_ch, teacher_ch, anchor_t=None):
+    def __init__(self, settings, student_ch, teacher_ch, anchor_t=None, teacher=None):
         super().__init__(settings, student_ch, teacher_ch)
         self.add_adapters(build_adapters(student_ch, teacher_ch, "none" if self.target == "head" else
                                          self.params.adapter))

@@ -57,7 +57,7 @@ class FGFI(DistillMethod):
     def fallback_weight(cls, params):
         return 1.0 if params.norm == "kl" else 0.01
 
-    def __init__(self, settings, student_ch, teacher_ch, anchor_t=None):
+    def __init__(self, settings, student_ch, teacher_ch, anchor_t=None, teacher=None):
         super().__init__(settings, student_ch, teacher_ch)
         p = self.params
         self.add_adapters(build_adapters(student_ch, teacher_ch, "none" if self.target == "head" else p.adapter))

@@ -42,7 +42,7 @@ class MGD(DistillMethod):
     def fallback_weight(cls, params):
         return 2e-5
 
-    def __init__(self, settings, student_ch, teacher_ch, anchor_t=None):
+    def __init__(self, settings, student_ch, teacher_ch, anchor_t=None, teacher=None):
         super().__init__(settings, student_ch, teacher_ch)
         pairs = list(zip(student_ch, teacher_ch))
         self.align = nn.ModuleList(nn.Conv2d(cs, ct, 1) if cs != ct else nn.Identity() for cs, ct in pairs)

@@ -196,6 +196,7 @@ def resolve(opt, teacher, nb: int, epochs: int, record: dict | None = None, epoc
 
 
 def build_method(settings: DistillSettings, student, teacher, anchor_t=None):
-    """The method's module for this student and teacher."""
+    """The method's module for this student and teacher (every method is given the same context: the loss's
+    anchor_t and the Teacher, which a method may read but never trains)."""
     student_ch, teacher_ch = teacher.channels(student, settings.target)
-    return METHODS[settings.method](settings, student_ch, teacher_ch, anchor_t=anchor_t)
+    return METHODS[settings.method](settings, student_ch, teacher_ch, anchor_t=anchor_t, teacher=teacher)

@@ -384,3 +384,40 @@ def test_method_flags_reach_the_terms(tmp_path):
         method(["--cwd-tau", "2"])  # fgfi (the default method) has no temperature
     with pytest.raises(SystemExit):
         train_distill.parse_opt(argv=["--distill-method", "kd"])
+
+
+# ------------------------------------------------------------------------------------------------- SL2
+
+def test_sl2_value_by_hand_weighted_by_the_teachers_confidence(tmp_path):
+    """Per cell: squared error of the projected student summed over channels, weighted by max over anchors of
+    sigmoid(obj) x max sigmoid(cls) of the teacher's own head at that cell; / (sum of weights x channels)."""
+    from distill.settings import build_method, resolve
+    from distill.sl2 import SL2
+    from distill.teacher import load_teacher
+    from models.yolo import DetectionModel
+    from tests.conftest import tiny_cfg_dict
+
+    student = DetectionModel(tiny_cfg_dict())
+    teacher = load_teacher(make_teacher(tmp_path / "t.pt", nc=3), student, torch.device("cpu"), 64)
+    opt = train_distill.parse_opt(argv=["--teacher", str(tmp_path / "t.pt"), "--distill-method", "sl2",
+                                        "--distill-warmup", "0"])
+    sl2 = build_method(resolve(opt, teacher, nb=10, epochs=1), student, teacher)
+    assert isinstance(sl2, SL2) and sl2.weight == 6.0
+    assert not any(k.startswith("_") for k in sl2.state_dict())  # the teacher's head is not part of it
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(2, 3, 64, 64, generator=g)
+    t_maps = teacher.maps(imgs, "neck")
+    s_maps = [torch.randn(2, c, *t.shape[2:], generator=g) for c, t in zip(teacher.channels(student, "neck")[0],
+                                                                            t_maps)]
+    r = sl2(s_maps, t_maps, iteration=0)
+    det = teacher.model.model[-1]
+    want = []
+    for k, (s, t) in enumerate(zip(s_maps, t_maps)):
+        raw = det.m[teacher.levels[k]](t).detach().double().numpy().reshape(2, det.na, det.no, *t.shape[2:])
+        p = 1 / (1 + np.exp(-raw))
+        w = (p[:, :, 4] * p[:, :, 5:].max(2)).max(1)  # [2, h, w]
+        a = sl2.adapters[k](s).detach().double().numpy()
+        se = ((a - t.double().numpy()) ** 2).sum(1)
+        want.append((w * se).sum() / (w.sum() * t.shape[1]))
+    assert r.per_level.tolist() == pytest.approx(want, rel=1e-4)
+    assert r.loss.item() == pytest.approx(6.0 * sum(want), rel=1e-4)
