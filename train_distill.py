@@ -48,7 +48,7 @@ from val import Metrics
 MAX_NONFINITE = 5  # consecutive non-finite losses before the run is stopped
 CSV_KEYS = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "train/kd_loss",
             "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
-            "val/box_loss", "val/obj_loss", "val/cls_loss", "x/lr0", "x/lr1", "x/lr2"]
+            "val/box_loss", "val/obj_loss", "val/cls_loss", "x/lr0", "x/lr1", "x/lr2", "x/kd_factor"]
 
 
 class EarlyStopping:
@@ -469,12 +469,14 @@ def train(hyp: dict, opt, device) -> tuple[Metrics, dict]:
         if nonfinite.stopped:
             break
         lr = [x["lr"] for x in optimizer.param_groups]
+        kd_factor = distill.factor((epoch + 1) * len(train_loader) - 1)  # the weight schedule's, at the epoch's end
         scheduler.step()
 
         # Main process: validate the EMA weights, log the epoch, save checkpoints
         if main_process:
             if distill.method is not None:
-                log.distill_summary(stats.coverage, stats.losses, distill.method.weight, distill.settings.method)
+                log.distill_summary(stats.coverage, stats.losses, distill.method.weight, distill.settings.method,
+                                    kd_factor)
             ema.update_attr(model)
             final_epoch = epoch + 1 == epochs or stopper.patience <= epoch - stopper.best_epoch + 1
             validated = not opt.noval or final_epoch
@@ -484,7 +486,7 @@ def train(hyp: dict, opt, device) -> tuple[Metrics, dict]:
             if fi > best_fitness and ema_finite:
                 best_fitness = fi
             stop = stopper(epoch=epoch, fitness_value=fi) or stop
-            log.epoch(epoch, stats.losses.tolist(), metrics, validated, lr)
+            log.epoch(epoch, stats.losses.tolist(), metrics, validated, [*lr, kd_factor])
             if not opt.nosave or final_epoch:
                 record = checkpoint_record(model, ema, optimizer, epoch, best_fitness, run_args, train_hyp, distill)
                 is_best = best_fitness == fi and ema_finite

@@ -56,7 +56,8 @@ class Result(NamedTuple):
     """One forward of a method. loss: weight x raw, connected to the student and the method's modules;
     raw and per_level: detached; masks: the bool imitation masks per level (FGFI; empty for methods without
     one, also computed during the warm-up so that the mask plot and coverage exist from the start);
-    active: False during the warm-up, where loss is a connected zero."""
+    active: False during the warm-up and after --distill-stop, where loss is a connected zero; loss includes the
+    weight schedule's factor at the iteration."""
     loss: torch.Tensor
     raw: torch.Tensor
     per_level: torch.Tensor
@@ -119,6 +120,7 @@ class DistillMethod(nn.Module):
         if len(student_ch) != len(teacher_ch) or not len(student_ch):
             raise ValueError(f"student has {len(student_ch)} imitated levels, teacher {len(teacher_ch)}")
         self.params, self.target, self.warmup = settings.params, settings.target, int(settings.warmup)
+        self.factor = settings.factor  # the schedule's share of the weight at an iteration
         self.n_levels = len(student_ch)
         auto = settings.weight == AUTO
         self.weight = 0.0 if auto else float(settings.weight)
@@ -150,7 +152,8 @@ class DistillMethod(nn.Module):
             if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
                 raise ValueError(f"shapes differ: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
         masks = self.masks(student_feats, targets, anchors_px, strides)
-        if iteration < self.warmup:  # a zero connected to the student and every parameter (DDP needs them all)
+        factor = self.factor(iteration)
+        if iteration < self.warmup or factor == 0:  # a zero connected to the student and every parameter (DDP)
             zero = 0.0 * (sum(x.float().sum() for x in student_feats) + sum(p.sum() for p in self.parameters()))
             z = zero.detach()
             return Result(zero, z, z.repeat(self.n_levels), masks, False)
@@ -158,7 +161,7 @@ class DistillMethod(nn.Module):
             per_level = torch.stack([self.level_loss(k, s.float(), t.detach().float(), masks[k] if masks else None)
                                      for k, (s, t) in enumerate(zip(student_feats, teacher_feats))])
         raw = per_level.sum()
-        return Result(raw * self.weight, raw.detach(), per_level.detach(), masks, True)
+        return Result(raw * (self.weight * factor), raw.detach(), per_level.detach(), masks, True)
 
     def observe(self, det_loss_items, result: Result):
         """Feed an imitating step to an 'auto' weight; once measured it becomes the fixed weight (logged)."""

@@ -7,6 +7,7 @@ Every distillation option defaults to None ('not given'): a given option that th
 use, or any of them without --teacher, is refused instead of ignored.
 """
 import argparse
+import math
 from dataclasses import asdict, dataclass, field
 
 from distill import METHODS
@@ -16,7 +17,9 @@ from utils.logging import LOGGER
 
 DEFAULT_METHOD = "fgfi"
 DISTILL_WARMUP = 100  # default imitation warm-up (iterations): the trainer's minimum LR warm-up
-COMMON = {"distill_target": "neck", "distill_warmup": None, "distill_auto_ratio": 1.0, "distill_auto_iters": 20}
+COMMON = {"distill_target": "neck", "distill_warmup": None, "distill_auto_ratio": 1.0, "distill_auto_iters": 20,
+          "distill_schedule": "constant", "distill_final": 0.1, "distill_stop": 0}
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -29,14 +32,32 @@ class DistillSettings:
     warmup: int  # iterations on the detection loss alone
     auto_ratio: float
     auto_iters: int
+    total: int  # the run's iterations (batches x epochs)
     params: object  # the method's frozen Params
     previous_teachers: tuple = field(default=())
+    schedule: str = "constant"  # the weight's factor from 1 at the end of the warm-up to `final` at `end`
+    final: float = 0.1
+    end: int = 0  # iteration from which the term is off (--distill-stop epochs before the end); 0: never
+    stop_epochs: int = 0
+
+    def factor(self, iteration: int) -> float:
+        """The share of the weight in force at this iteration (1 with the constant schedule; 0 from `end` on)."""
+        if self.end and iteration >= self.end:
+            return 0.0
+        if self.schedule == "constant":
+            return 1.0
+        span = (self.end or self.total) - self.warmup
+        p = min(max((iteration - self.warmup) / span, 0.0), 1.0) if span > 0 else 1.0
+        if self.schedule == "linear":
+            return 1.0 + (self.final - 1.0) * p
+        return self.final + (1.0 - self.final) * (1.0 + math.cos(math.pi * p)) / 2
 
     def args(self) -> dict:
         """The run's distillation arguments as resolved (every registered option: None where unused)."""
         out = {d: None for d in option_dests()}
         out.update(distill_method=self.method, distill_target=self.target, distill_weight=self.weight,
-                   distill_warmup=self.warmup, distill_auto_ratio=self.auto_ratio, distill_auto_iters=self.auto_iters)
+                   distill_warmup=self.warmup, distill_auto_ratio=self.auto_ratio, distill_auto_iters=self.auto_iters,
+                   distill_schedule=self.schedule, distill_final=self.final, distill_stop=self.stop_epochs)
         out.update({dest(f): getattr(self.params, f.name) for f in params_fields(type(self.params))})
         return out
 
@@ -44,7 +65,8 @@ class DistillSettings:
         """A distilled checkpoint's 'distill' record; `weight`: the one in force (an 'auto' weight once set)."""
         return {"method": self.method, "teacher": self.teacher, "teacher_sha256": self.teacher_sha256,
                 "target": self.target, "weight": weight, "warmup": self.warmup, "auto_ratio": self.auto_ratio,
-                "auto_iters": self.auto_iters, "previous_teachers": list(self.previous_teachers),
+                "auto_iters": self.auto_iters, "schedule": self.schedule, "final": self.final,
+                "stop": self.stop_epochs, "previous_teachers": list(self.previous_teachers),
                 **asdict(self.params)}
 
 
@@ -88,6 +110,13 @@ def add_args(parser):
     kd.add_argument("--distill-auto-ratio", type=float, default=None,
                     help="an 'auto' weight makes the weighted term this many times the detection loss (default 1.0), "
                          "measured over the first --distill-auto-iters imitating iterations (then fixed)")
+    kd.add_argument("--distill-schedule", choices=SCHEDULES, default=None,
+                    help="the weight over the run after the warm-up: constant (default), or from 1x down to "
+                         "--distill-final x by a linear or cosine ramp ending at the run's end (or at --distill-stop)")
+    kd.add_argument("--distill-final", type=float, default=None,
+                    help="the weight's last factor with a linear or cosine --distill-schedule (default 0.1)")
+    kd.add_argument("--distill-stop", type=int, default=None,
+                    help="train the last N epochs on the detection loss alone (default 0)")
     kd.add_argument("--distill-auto-iters", type=int, default=None,
                     help="imitating iterations that set an 'auto' weight (default 20; the term is weighted 0 then)")
     for d, (flags, meta, users) in method_options().items():
@@ -187,11 +216,16 @@ def resolve(opt, teacher, nb: int, epochs: int, record: dict | None = None, epoc
     if weight == AUTO and record and isinstance(record.get("weight"), (int, float)):
         weight = float(record["weight"])  # measured before the run was stopped
     common = {k: getattr(opt, k) if getattr(opt, k, None) is not None else v for k, v in COMMON.items()}
+    stop = int(common["distill_stop"])
+    if not 0 <= stop < epochs or common["distill_final"] < 0:
+        raise ValueError(f"--distill-stop {stop} must be in [0, {epochs}) (the run's epochs) and --distill-final "
+                         f"{common['distill_final']} >= 0")
     return DistillSettings(
         method=cls.name, teacher=str(opt.teacher), teacher_sha256=file_sha256(opt.teacher),
         target=teacher.resolve_target(common["distill_target"]), weight=weight,
         warmup=distill_warmup(common["distill_warmup"], nb, epochs), auto_ratio=float(common["distill_auto_ratio"]),
-        auto_iters=int(common["distill_auto_iters"]), params=params,
+        auto_iters=int(common["distill_auto_iters"]), total=nb * epochs, params=params,
+        schedule=common["distill_schedule"], final=float(common["distill_final"]), end=nb * (epochs - stop) if stop else 0, stop_epochs=stop,
         previous_teachers=previous_teachers(record, opt.teacher, opt.teacher_changed_ok, epoch) if record else ())
 
 

@@ -45,6 +45,10 @@ class Distillation:
         if self.method is not None:
             self.method.observe(loss_items, result)
 
+    def factor(self, iteration):
+        """The weight schedule's factor at an iteration; '' for plain training (an empty results.csv cell)."""
+        return self.settings.factor(iteration) if self.settings is not None else ""
+
     def record(self):
         """The checkpoint's 'distill' record (None for plain training)."""
         if self.method is None:

@@ -122,7 +122,8 @@ def distill_settings(method="fgfi", weight=1.0, warmup=0, target="neck", **param
     from distill.settings import DistillSettings
 
     return DistillSettings(method=method, teacher="", teacher_sha256=None, target=target, weight=weight,
-                           warmup=warmup, auto_ratio=1.0, auto_iters=20, params=METHODS[method].Params(**params))
+                           warmup=warmup, auto_ratio=1.0, auto_iters=20, total=1000,
+                           params=METHODS[method].Params(**params))
 
 
 def fgfi_term(student_feats, teacher_feats, masks, adapters, norm="none"):

@@ -261,7 +261,7 @@ def test_methods_warm_up_levels_autocast_and_errors(method):
     with pytest.raises(ValueError, match="--cwd-tau" if method == "cwd" else "--mgd-ratio"):
         distill_settings(method, **({"tau": 0.0} if method == "cwd" else {"ratio": 1.0}))
     # the registry of --distill-method: these three, and no other name
-    assert set(METHODS) == {"fgfi", "cwd", "mgd"} and "kd" not in METHODS
+    assert {"fgfi", "cwd", "mgd"} <= set(METHODS) and "kd" not in METHODS
     assert {m.name: m for m in (FGFI, CWD, MGD)} == METHODS
 
 

@@ -1,6 +1,7 @@
 """Distillation settings: flags refused where the run would not use them, old spellings, the settings resolved
 once and written to the run's arguments, and --resume of checkpoints written by an earlier release."""
 import argparse
+import math
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,34 @@ def test_upgrade_of_the_earlier_arguments():
     assert all(plain[k] is None for k in ("distill_weight", "distill_method", "cwd_tau", "distill_target"))
     check_given(argparse.Namespace(**plain))  # a plain run's old arguments resume as a plain run
     assert upgrade_args(new) == new
+
+
+def test_weight_schedules_by_hand(tmp_path):
+    """nb 10 x epochs 5, warm-up 10: linear and cosine go from 1 at iteration 10 to --distill-final at the end
+    (or at --distill-stop, after which the factor is 0); constant stays 1."""
+    student = DetectionModel(tiny_cfg_dict())
+    teacher = load_teacher(make_teacher(tmp_path / "t.pt"), student, torch.device("cpu"), 64)
+
+    def factors(*flags):
+        s = resolve(opt_of("--teacher", "t.pt", "--distill-warmup", "10", *flags), teacher, nb=10, epochs=5)
+        return [round(s.factor(i), 6) for i in (0, 10, 30, 40, 49, 50)]
+
+    assert factors() == [1, 1, 1, 1, 1, 1]
+    assert factors("--distill-schedule", "linear") == [1, 1, 0.55, 0.325, 0.1225, 0.1]  # 1 - 0.9 (i - 10) / 40
+    cos = [0.2 + 0.8 * (1 + math.cos(math.pi * p)) / 2 for p in (0.5, 0.75, 39 / 40)]  # p = (i - 10) / 40
+    assert factors("--distill-schedule", "cosine", "--distill-final", "0.2") == pytest.approx([1, 1, *cos, 0.2])
+    assert factors("--distill-schedule", "linear", "--distill-stop", "1") == [1, 1, 0.4, 0, 0, 0]  # ends at 40
+    with pytest.raises(ValueError, match="--distill-stop 5"):
+        factors("--distill-stop", "5")
+
+
+@pytest.mark.slow
+def test_distill_stop_trains_the_last_epoch_on_the_detection_loss_alone(tiny_data, tiny_cfg, tmp_path):
+    from tests.test_train_distill import kd_run
+    teacher = make_teacher(tmp_path / "t.pt")
+    opt = kd_run(tiny_data, tiny_cfg, tmp_path, teacher, epochs=2, distill_stop=1, distill_schedule="linear")
+    rows = read_csv(Path(opt.save_dir) / "results.csv")
+    assert float(rows[0]["train/kd_loss"]) > 0 and float(rows[1]["train/kd_loss"]) == 0
+    assert [float(r["x/kd_factor"]) for r in rows] == [pytest.approx(0.1 + 0.9 * 0.5), 0.0]  # iteration 1 of 0..2
+    rec = torch.load(Path(opt.save_dir) / "weights" / "last.pt", weights_only=True)["distill"]
+    assert (rec["schedule"], rec["stop"], opt.distill_stop) == ("linear", 1, 1)

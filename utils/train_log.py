@@ -65,11 +65,11 @@ class TrainLogger:
         self.cover, self.cover_n = [], 0
         return cover
 
-    def distill_summary(self, coverage, mloss, weight, method):
+    def distill_summary(self, coverage, mloss, weight, method, factor=1.0):
         head = ("mask coverage " + ", ".join(f"{level} {c:.1f}%" for level, c in zip(self.levels, coverage))
                 if coverage else method)
         LOGGER.info(f"distill: {head}; mean weighted imitation loss {mloss[3]:.4g} vs detection loss "
-                    f"{mloss[:3].sum():.4g} (per image; lambda {weight:.4g})")
+                    f"{mloss[:3].sum():.4g} (per image; lambda {weight:.4g}, schedule factor {factor:.3g})")
 
     def epoch(self, epoch, losses, metrics, validated: bool, lr):
         """The epoch's results.csv row and TensorBoard scalars; an epoch left unvalidated (--noval) has empty
