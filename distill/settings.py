@@ -165,7 +165,8 @@ def upgrade_args(args: dict) -> dict:
 def check_given(opt):
     """Refuse distillation options that the run will not use: any without --teacher, or one the chosen method
     does not read."""
-    flags = {d: flags[0] for d, (flags, _, _) in method_options().items()}
+    options = method_options()
+    flags = {d: flags[0] for d, (flags, _, _) in options.items()}
     given = [d for d in option_dests() if getattr(opt, d, None) is not None]
     if not opt.teacher:
         if given:
@@ -173,11 +174,11 @@ def check_given(opt):
         return
     method = opt.distill_method or DEFAULT_METHOD
     for d in given:
-        users = method_options().get(d, (None, None, [method]))[2]
+        users = options.get(d, (None, None, [method]))[2]
         if method not in users:
             raise ValueError(f"{_flag(d, flags)} is a flag of --distill-method {' / '.join(users)}; "
                              f"--distill-method {method} does not use it")
-    aliases = [d for d in given if d in flags and method_options()[d][1] is None]
+    aliases = [d for d in given if d in flags and options[d][1] is None]
     if aliases and opt.distill_weight is not None:
         raise ValueError(f"{_flag(aliases[0], flags)} and --distill-weight both given: they set the same weight")
 
