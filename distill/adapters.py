@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ADAPTERS = ("1x1", "3x3", "none")
+ADAPTER_HELP = "student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU"
 
 
 def build_adapters(student_ch, teacher_ch, kind="1x1"):

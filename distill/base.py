@@ -32,10 +32,12 @@ def weight_arg(value):
     return w
 
 
-def option(default, *flags, help, type=None, choices=None, boolean=False):
+def option(default, *flags, help, type=None, choices=None, boolean=False, before=None):
     """A field of a method's Params: its default and the command-line flags that set it (the first names its
-    argparse dest; the others are aliases)."""
-    return field(default=default, metadata=dict(flags=flags, help=help, type=type, choices=choices, boolean=boolean))
+    argparse dest; the others are aliases). before: the value that runs written before the method had this
+    setting trained with, which --resume of such a run keeps (None: the default)."""
+    return field(default=default, metadata=dict(flags=flags, help=help, type=type, choices=choices, boolean=boolean,
+                                                before=before))
 
 
 def dest(f) -> str:

@@ -1,25 +1,37 @@
 """Channel-wise distillation, CWD (Shu et al., ICCV 2021): every channel of a map becomes a distribution over
 the map's cells (softmax of map / tau); the adapted student's distributions imitate the teacher's in
 KL(teacher || student). A level's loss: tau^2 x sum over images, channels and cells of that KL / (channels
-x images)."""
+x images).
+
+Both maps are first standardised per channel over the batch and the cells (norm 'std', the default: mean 0,
+variance 1, no learned affine, as mmyolo's and DAMO-YOLO's CWD do on neck outputs), so the softmax's
+sharpness depends on neither feature scale; norm 'none' applies the softmax to the maps as they are."""
 from dataclasses import dataclass
 
-from distill.adapters import ADAPTERS, build_adapters
+from distill.adapters import ADAPTER_HELP, ADAPTERS, build_adapters
 from distill.base import DistillMethod, option
-from distill.fgfi import ADAPTER_HELP
-from distill.kernels import channel_kl
+from distill.kernels import STD_NORM_HELP, STD_NORMS, channel_kl, standardize_channels
+
+# The default weight per norm. Standardised maps make every channel's softmax sharper than YOLOv5's SiLU
+# outputs do: at weight 1 the first imitating epoch's term is ~18x the detection loss on the standard recipe
+# (benchmarks/README.md); 0.15 starts it near 3x, where FGFI's default term starts and pays.
+WEIGHTS = {"std": 0.15, "none": 1.0}
 
 
 @dataclass(frozen=True)
 class CWDParams:
     tau: float = option(1.0, "--cwd-tau", type=float, help="cwd: softmax temperature")
     adapter: str = option("1x1", "--distill-adapter", choices=ADAPTERS[:2], help=ADAPTER_HELP)
+    norm: str = option("std", "--distill-norm", choices=STD_NORMS, help=STD_NORM_HELP, before="none")
 
     def __post_init__(self):
         if not float(self.tau) > 0:
             raise ValueError(f"--cwd-tau must be > 0, got {self.tau}")
         if self.adapter not in ADAPTERS[:2]:
             raise ValueError(f"cwd: bad adapter '{self.adapter}'")
+        if self.norm not in STD_NORMS:
+            raise ValueError(f"--distill-method cwd: --distill-norm must be one of {', '.join(STD_NORMS)}, "
+                             f"got '{self.norm}'")
 
 
 class CWD(DistillMethod):
@@ -27,6 +39,14 @@ class CWD(DistillMethod):
     summary = "channel-wise distillation (Shu et al., ICCV 2021): per channel, softmax over the map's cells, KL"
     Params = CWDParams
     weight_aliases = ("--cwd-weight",)
+
+    @classmethod
+    def default_weight(cls, params):
+        return WEIGHTS[params.norm]
+
+    @classmethod
+    def fallback_weight(cls, params):
+        return WEIGHTS[params.norm]
 
     def __init__(self, settings, student_ch, teacher_ch, anchor_t=None, teacher=None):
         super().__init__(settings, student_ch, teacher_ch)
@@ -37,4 +57,6 @@ class CWD(DistillMethod):
         a = self.adapters[k](s)
         if a.shape[1] != t.shape[1]:
             raise ValueError(f"adapted student has {a.shape[1]} channels, teacher {t.shape[1]}")
+        if self.params.norm == "std":
+            a, t = standardize_channels(a), standardize_channels(t)
         return channel_kl(a, t, self.params.tau)

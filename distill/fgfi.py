@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.adapters import ADAPTERS, adapt_at, build_adapters
+from distill.adapters import ADAPTER_HELP, ADAPTERS, adapt_at, build_adapters
 from distill.base import AUTO, DistillMethod, option
 from distill.kernels import masked_channel_kl, standardize_channels
 from distill.masks import KINDS, imitation_masks
 
 NORMS = ("kl", "none", "channel", "pkd")
-ADAPTER_HELP = "student->teacher adapter: 1x1 conv, or the paper's 3x3 conv + ReLU"
 
 
 @dataclass(frozen=True)

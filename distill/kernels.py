@@ -3,6 +3,11 @@ restricted to masked cells) and the per-channel standardisation of a batch of ma
 import torch
 import torch.nn.functional as F
 
+# The --distill-norm values of the methods that compare whole maps (cwd, mgd)
+STD_NORMS = ("std", "none")
+STD_NORM_HELP = ("cwd, mgd: std (default): student and teacher maps standardised per channel over the batch and "
+                 "the cells first; none: the maps as they are")
+
 
 def channel_kl(s, t, tau=1.0):
     """tau^2 * sum_{n, c} KL(softmax(t[n, c] / tau) || softmax(s[n, c] / tau)) / (C * N), each channel's softmax

@@ -71,12 +71,17 @@ class DistillSettings:
 
 
 def method_options() -> dict:
-    """{dest: (flags, field metadata, names of the methods that use it)} over the registry; a flag that several
-    methods use (--distill-adapter) is one option."""
+    """{dest: (flags, field metadata, names of the methods that use it)} over the registry; the fields of several
+    methods by the same flag are one option, their choices and help texts joined."""
     out = {}
     for m in METHODS.values():
         for f in params_fields(m.Params):
-            flags, meta, users = out.get(dest(f), (f.metadata["flags"], f.metadata, []))
+            flags, meta, users = out.get(dest(f), (f.metadata["flags"], dict(f.metadata), []))
+            if users:
+                if meta["choices"]:
+                    meta["choices"] = list(dict.fromkeys([*meta["choices"], *f.metadata["choices"]]))
+                if f.metadata["help"] not in meta["help"]:
+                    meta["help"] += "; " + f.metadata["help"]
             out[dest(f)] = (flags, meta, [*users, m.name])
         for alias in m.weight_aliases:
             out[alias.lstrip("-").replace("-", "_")] = ((alias,), None, [m.name])
@@ -102,7 +107,8 @@ def add_args(parser):
     kd.add_argument("--distill-weight", type=weight_arg, default=None,
                     help="weight of the imitation term, or 'auto': set once so the weighted term starts at "
                          "--distill-auto-ratio x the detection loss (default: the method's; fgfi: 1.0 with "
-                         "--distill-norm kl, auto with the other norms; cwd 1.0; mgd 2e-5)")
+                         "--distill-norm kl, auto with the other norms; cwd and mgd: 0.15 with --distill-norm std, "
+                         "1.0 (cwd) and 2e-5 (mgd) with none; sl2 6.0)")
     kd.add_argument("--distill-warmup", type=int, default=None,
                     help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's "
                          f"minimum LR warm-up, or half the run's iterations when it is shorter than "
@@ -126,15 +132,28 @@ def add_args(parser):
             continue
         kw = dict(action=argparse.BooleanOptionalAction) if meta["boolean"] else \
             dict(type=meta["type"], choices=meta["choices"])
+        defaults = {u: getattr(METHODS[u].Params(), _field(d)) for u in users}
+        shown = defaults[users[0]] if len(set(defaults.values())) == 1 else \
+            ", ".join(f"{u} {v}" for u, v in defaults.items())
         kd.add_argument(*flags, dest=d, default=None, help=f"{meta['help']} (used by {', '.join(users)}; "
-                                                           f"default {getattr(METHODS[users[0]].Params(), _field(d))})",
-                        **kw)
+                                                           f"default {shown})", **kw)
     return parser
 
 
 def _field(d):
     """The Params field name behind option dest d."""
     return next(f.name for m in METHODS.values() for f in params_fields(m.Params) if dest(f) == d)
+
+
+def _settings_added_since(args: dict) -> dict:
+    """A distilling run's arguments with the method's settings that its release did not have yet (None where the
+    method reads them now) set to the value it trained with (the field's `before`)."""
+    method = METHODS.get(args.get("distill_method") or DEFAULT_METHOD)
+    if not args.get("teacher") or method is None:
+        return args
+    added = {dest(f): f.metadata["before"] for f in params_fields(method.Params)
+             if args.get(dest(f)) is None and f.metadata["before"] is not None}
+    return {**args, **added}
 
 
 def legacy_dests() -> dict:
@@ -144,22 +163,24 @@ def legacy_dests() -> dict:
 
 def upgrade_args(args: dict) -> dict:
     """Run arguments written by an older release (every distillation option filled in, the weight of cwd and
-    mgd in their own flags, FGFI's options under --distill-*) as this release writes them."""
+    mgd in their own flags, FGFI's options under --distill-*; or a method's setting missing that it has now,
+    such as cwd's and mgd's --distill-norm) as this release writes them."""
     if "distill_mask" not in args:
-        return args
+        return _settings_added_since(args)
     method = args.get("distill_method") or DEFAULT_METHOD
     out = {k: v for k, v in args.items() if k not in ("cwd_weight", "mgd_alpha")}
     weight = {"cwd": args.get("cwd_weight"), "mgd": args.get("mgd_alpha")}.get(method, args.get("distill_weight"))
     out.update({new: out.pop(old) for old, new in legacy_dests().items() if old in out})
     out.setdefault("distill_norm", "none")  # written before --distill-norm existed: the squared error
-    used = {dest(f) for f in params_fields(METHODS[method].Params)} if args.get("teacher") else set()
+    used = {dest(f) for f in params_fields(METHODS[method].Params) if f.metadata["before"] is None} \
+        if args.get("teacher") else set()  # a setting with a `before` is newer than these arguments
     for d in method_options():
         if d not in used:
             out[d] = None
     out["distill_weight"] = weight if args.get("teacher") else None
     if not args.get("teacher"):
         out.update(distill_method=None, **dict.fromkeys(COMMON))
-    return out
+    return _settings_added_since(out)
 
 
 def check_given(opt):

@@ -15,7 +15,7 @@ from distill.base import AUTO, AutoWeight, weight_arg
 from distill.cwd import CWD, CWDParams
 from distill.fgfi import FGFI, FGFIParams
 from distill.kernels import standardize_channels
-from distill.mgd import MGD, MGDParams
+from distill.mgd import MGD, STD_WEIGHT, MGDParams
 from models.checkpoint import load_checkpoint
 from tests.conftest import distill_settings, fgfi_term, killed_after_first_epoch, read_csv
 from tests.test_train_distill import kd_run, make_teacher
@@ -145,13 +145,13 @@ def test_kl_norm_gradients_only_at_masked_cells_and_never_the_teacher():
 # ------------------------------------------------------------------------------------------------- CWD
 
 def test_cwd_value_by_hand():
-    """Equal channels and no adapter (target head): the term is the numpy formula per level, summed, times the
-    weight."""
+    """Equal channels and no adapter (target head), --distill-norm none: the term is the numpy formula per level,
+    summed, times the weight."""
     g = torch.Generator().manual_seed(0)
     s = [torch.randn(2, 2, 1, 3, generator=g), torch.randn(2, 2, 2, 2, generator=g)]
     t = [torch.randn(2, 2, 1, 3, generator=g) * 2, torch.randn(2, 2, 2, 2, generator=g)]
     tau, weight = 2.0, 0.3
-    cwd = CWD(distill_settings("cwd", weight=weight, target="head", tau=tau), [2, 2], [2, 2])
+    cwd = CWD(distill_settings("cwd", weight=weight, target="head", tau=tau, norm="none"), [2, 2], [2, 2])
     assert all(isinstance(a, nn.Identity) for a in cwd.adapters) and not list(cwd.parameters())
     r = cwd(s, t, iteration=0)
     want = [np_cwd(a.double().numpy(), b.double().numpy(), tau) for a, b in zip(s, t)]
@@ -162,6 +162,28 @@ def test_cwd_value_by_hand():
     assert abs(same.item()) < 1e-6  # identical distributions: no divergence
     shifted = cwd([x + 5.0 for x in t], t, iteration=0).loss
     assert abs(shifted.item()) < 1e-5  # softmax over cells ignores a constant offset of a channel
+
+
+def test_cwd_std_standardises_both_maps_per_channel_over_the_batch_before_the_softmax():
+    """norm std (the default): the numpy formula on both maps standardised per channel over images and cells
+    (not per image, and not the raw maps); so the term ignores a per-channel scale of the teacher's features,
+    which the raw softmax does not."""
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(3, 2, 2, 3, generator=g) * 3 + 1]
+    t = [torch.randn(3, 2, 2, 3, generator=g) * torch.tensor([0.2, 5.0]).view(1, 2, 1, 1)]
+    assert CWDParams().norm == "std"
+    cwd = CWD(distill_settings("cwd", weight=1.0, target="head"), [2], [2])
+    got = cwd(s, t, iteration=0).raw.item()
+    sd, td = s[0].double().numpy(), t[0].double().numpy()
+    assert got == pytest.approx(np_cwd(np_standardize(sd), np_standardize(td), 1.0), rel=1e-5)
+    per_image = np.concatenate([np_standardize(x[None]) for x in td])  # a plausible alternative
+    assert got != pytest.approx(np_cwd(np_standardize(sd), per_image, 1.0), rel=1e-3)
+    assert got != pytest.approx(np_cwd(sd, td, 1.0), rel=1e-3)
+    scale = torch.tensor([7.0, 0.5]).view(1, 2, 1, 1)  # the teacher's channels on other scales
+    assert cwd(s, [t[0] * scale + 2.0], iteration=0).raw.item() == pytest.approx(got, rel=1e-3)  # up to eps
+    raw = CWD(distill_settings("cwd", weight=1.0, target="head", norm="none"), [2], [2])
+    assert raw(s, [t[0] * scale], iteration=0).raw.item() != pytest.approx(raw(s, t, iteration=0).raw.item(),
+                                                                            rel=1e-2)
 
 
 def test_cwd_gradients_reach_student_and_adapters_not_teacher():
@@ -181,11 +203,17 @@ def test_cwd_gradients_reach_student_and_adapters_not_teacher():
 def test_mgd_value_by_hand(monkeypatch):
     """1 student channel aligned to 2 teacher channels by a 1x1 conv, a fixed cell mask, hand-set generation
     weights: the term is the numpy computation (align, zero the cells, conv3x3, ReLU, conv3x3, squared error
-    summed and divided by the images), times alpha."""
+    summed and divided by the images), times alpha; with norm std, the same on both maps standardised per
+    channel over the batch and the cells, and the squared error's mean over every element instead."""
     g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(2, 1, 3, 4, generator=g), torch.randn(2, 2, 3, 4, generator=g)
+    s, t = torch.randn(2, 1, 3, 4, generator=g) * 2 + 1, torch.randn(2, 2, 3, 4, generator=g) * 3
     alpha = 0.5
-    mgd = MGD(distill_settings("mgd", weight=alpha, ratio=0.65), [1], [2])
+    for norm in ("none", "std"):
+        mgd = MGD(distill_settings("mgd", weight=alpha, ratio=0.65, norm=norm), [1], [2])
+        _check_mgd_by_hand(mgd, s, t, alpha, norm, g, monkeypatch)
+
+
+def _check_mgd_by_hand(mgd, s, t, alpha, norm, g, monkeypatch):
     with torch.no_grad():
         for p in mgd.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
@@ -194,15 +222,18 @@ def test_mgd_value_by_hand(monkeypatch):
     r = mgd([s], [t], iteration=0)
 
     P = {k: v.double().numpy() for k, v in mgd.state_dict().items()}
+    sd, td = s.double().numpy(), t.double().numpy()
+    if norm == "std":
+        sd, td = np_standardize(sd), np_standardize(td)
     total = 0.0
     for i in range(2):
-        a = P["align.0.weight"][:, 0, 0, 0][:, None, None] * s[i, 0].double().numpy() + P["align.0.bias"][:, None, None]
+        a = P["align.0.weight"][:, 0, 0, 0][:, None, None] * sd[i, 0] + P["align.0.bias"][:, None, None]
         a = a * keep[i].double().numpy()  # [1, H, W] mask over both channels
         h = np.maximum(np_conv3x3(a, P["gen.0.0.weight"], P["gen.0.0.bias"]), 0)
         out = np_conv3x3(h, P["gen.0.2.weight"], P["gen.0.2.bias"])
-        total += np.sum((out - t[i].double().numpy()) ** 2)
-    want = total / 2
-    assert r.raw.item() == pytest.approx(want, rel=1e-5)
+        total += np.sum((out - td[i]) ** 2)
+    want = total / (td.size if norm == "std" else 2)  # std: mean over 2 x 2 x 3 x 4 elements; none: / images
+    assert r.raw.item() == pytest.approx(want, rel=1e-5), norm
     assert r.loss.item() == pytest.approx(alpha * want, rel=1e-5)
 
 
@@ -275,7 +306,9 @@ def test_fgfi_weight_default_follows_the_norm_with_a_numeric_fallback_for_every_
     opt = parse_opt(True, [])
     assert opt.distill_norm is None and opt.distill_weight is None  # not given: the method's defaults apply
     assert FGFIParams().norm == "kl"
-    assert CWD.default_weight(CWDParams()) == 1.0 and MGD.default_weight(MGDParams()) == 2e-5
+    assert CWDParams().norm == MGDParams().norm == "std"
+    assert CWD.default_weight(CWDParams()) == 0.15 and CWD.default_weight(CWDParams(norm="none")) == 1.0
+    assert MGD.default_weight(MGDParams()) == STD_WEIGHT and MGD.default_weight(MGDParams(norm="none")) == 2e-5
     # FGFI's lambda: 1.0 for the scale-free kl term, auto for the squared error, as given otherwise
     assert FGFI.default_weight(FGFIParams()) == 1.0
     assert all(FGFI.default_weight(FGFIParams(norm=n)) == AUTO for n in ("none", "channel", "pkd"))
@@ -378,10 +411,22 @@ def test_method_flags_reach_the_terms(tmp_path):
              lambda m: isinstance(m, MGD) and (m.params.ratio, m.weight) == (0.5, 0.0) and m.auto is not None),
             (["--distill-norm", "kl"], lambda m: isinstance(m, FGFI) and m.params.norm == "kl"),
             (["--distill-method", "mgd", "--distill-target", "head"],
-             lambda m: all(isinstance(a, nn.Identity) for a in m.align) and m.weight == 2e-5)):
+             lambda m: all(isinstance(a, nn.Identity) for a in m.align) and m.weight == STD_WEIGHT),
+            (["--distill-method", "mgd", "--distill-norm", "none"],
+             lambda m: (m.params.norm, m.weight) == ("none", 2e-5)),
+            (["--distill-method", "cwd", "--distill-norm", "none"],
+             lambda m: (m.params.norm, m.weight) == ("none", 1.0))):
         assert check(method(argv)), argv
     with pytest.raises(ValueError, match="--cwd-tau"):
         method(["--cwd-tau", "2"])  # fgfi (the default method) has no temperature
+    # --distill-norm is one flag for three methods, each with its own values
+    with pytest.raises(ValueError, match="--distill-method cwd: --distill-norm must be one of std, none, got 'kl'"):
+        method(["--distill-method", "cwd", "--distill-norm", "kl"])
+    with pytest.raises(ValueError, match="fgfi: bad .* norm 'std'"):
+        method(["--distill-norm", "std"])
+    from distill.settings import add_args
+    usage = " ".join(add_args(argparse.ArgumentParser()).format_help().split())
+    assert "(used by fgfi, cwd, mgd; default fgfi kl, cwd std, mgd std)" in usage
     with pytest.raises(SystemExit):
         train_distill.parse_opt(argv=["--distill-method", "kd"])
 

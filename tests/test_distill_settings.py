@@ -49,7 +49,9 @@ def test_old_spellings_and_method_aliases(tmp_path):
                 teacher, nb=10, epochs=1)
     assert (s.method, s.weight, s.params.tau) == ("cwd", 3.0, 2.0)
     assert resolve(opt_of("--teacher", "t.pt", "--distill-norm", "none"), teacher, 10, 1).weight == AUTO
-    assert resolve(opt_of("--teacher", "t.pt", "--distill-method", "mgd"), teacher, 10, 1).weight == 2e-5
+    assert resolve(opt_of("--teacher", "t.pt", "--distill-method", "mgd"), teacher, 10, 1).weight == 0.15
+    assert resolve(opt_of("--teacher", "t.pt", "--distill-method", "mgd", "--distill-norm", "none"),
+                   teacher, 10, 1).weight == 2e-5  # the paper's alpha for the paper's sum of squared errors
     with pytest.raises(TypeError, match="unknown arguments"):
         train_distill.run(no_such_option=1)
 
@@ -103,11 +105,29 @@ def test_upgrade_of_the_earlier_arguments():
     old = torch.load(LEGACY / "legacy_cwd_last.pt", weights_only=True)["opt"]
     new = upgrade_args(old)
     assert new["distill_weight"] == old["cwd_weight"] and new["cwd_weight"] is None and new["cwd_tau"] == 1.0
-    assert new["fgfi_mask"] is None and new["distill_norm"] is None and "distill_mask" not in new
+    assert new["fgfi_mask"] is None and "distill_mask" not in new
+    assert new["distill_norm"] == "none"  # cwd compared the raw maps then: a resumed run goes on doing so
     plain = upgrade_args({**old, "teacher": ""})
     assert all(plain[k] is None for k in ("distill_weight", "distill_method", "cwd_tau", "distill_target"))
     check_given(argparse.Namespace(**plain))  # a plain run's old arguments resume as a plain run
     assert upgrade_args(new) == new
+
+
+def test_resume_keeps_the_raw_maps_of_a_cwd_or_mgd_run_written_before_they_had_a_norm(tmp_path):
+    """Arguments written before cwd and mgd read --distill-norm hold None there; the resumed run compares the
+    raw maps as it did (norm none, its weight), not the standardised ones of today's default."""
+    student = DetectionModel(tiny_cfg_dict())
+    teacher = load_teacher(make_teacher(tmp_path / "t.pt"), student, torch.device("cpu"), 64)
+    for method, weight in (("cwd", 1.0), ("mgd", 2e-5)):
+        new = resolve(opt_of("--teacher", "t.pt", "--distill-method", method), teacher, 10, 2)
+        assert new.params.norm == "std" and new.args()["distill_norm"] == "std"  # written out, kept on resume
+        written = {**new.args(), "teacher": "t.pt", "distill_norm": None, "distill_weight": weight}
+        args = upgrade_args(written)
+        assert args["distill_norm"] == "none" and upgrade_args(new.args() | {"teacher": "t.pt"})["distill_norm"] == "std"
+        s = resolve(argparse.Namespace(**{**vars(opt_of()), **args}), teacher, 10, 2)
+        assert (s.params.norm, s.weight) == ("none", weight)
+    fgfi = upgrade_args({**resolve(opt_of("--teacher", "t.pt"), teacher, 10, 2).args(), "teacher": "t.pt"})
+    assert fgfi["distill_norm"] == "kl" and fgfi["cwd_tau"] is None  # other methods' settings stay unused
 
 
 def test_weight_schedules_by_hand(tmp_path):
