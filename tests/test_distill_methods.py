@@ -447,7 +447,7 @@ def test_sl2_value_by_hand_weighted_by_the_teachers_confidence(tmp_path):
     opt = train_distill.parse_opt(argv=["--teacher", str(tmp_path / "t.pt"), "--distill-method", "sl2",
                                         "--distill-warmup", "0"])
     sl2 = build_method(resolve(opt, teacher, nb=10, epochs=1), student, teacher)
-    assert isinstance(sl2, SL2) and sl2.weight == 6.0
+    assert isinstance(sl2, SL2) and sl2.weight == 0.25
     assert not any(k.startswith("_") for k in sl2.state_dict())  # the teacher's head is not part of it
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(2, 3, 64, 64, generator=g)
@@ -465,4 +465,4 @@ def test_sl2_value_by_hand_weighted_by_the_teachers_confidence(tmp_path):
         se = ((a - t.double().numpy()) ** 2).sum(1)
         want.append((w * se).sum() / (w.sum() * t.shape[1]))
     assert r.per_level.tolist() == pytest.approx(want, rel=1e-4)
-    assert r.loss.item() == pytest.approx(6.0 * sum(want), rel=1e-4)
+    assert r.loss.item() == pytest.approx(0.25 * sum(want), rel=1e-4)
