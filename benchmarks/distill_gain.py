@@ -59,7 +59,7 @@ ABLATIONS = {
     # around the standardised defaults of cwd and mgd (--distill-norm std, weight 0.15)
     "cwd-weight=1": ["--distill-method", "cwd", "--distill-weight", "1"],  # mmyolo's weight: ~18x at the start
     "cwd-norm=none": ["--distill-method", "cwd", "--distill-norm", "none"],  # raw maps, weight 1
-    "mgd-weight=1": ["--distill-method", "mgd", "--distill-weight", "1"],  # ~16x at the start
+    "mgd-weight=1": ["--distill-method", "mgd", "--distill-weight", "1"],  # ~17x at the start
     "mgd-norm=none": ["--distill-method", "mgd", "--distill-norm", "none"],  # the paper's sum, alpha 2e-5
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x3": None,

@@ -114,8 +114,10 @@ class DistillMethod(nn.Module):
 
     @classmethod
     def fallback_weight(cls, params) -> float:
-        """The weight an 'auto' weight takes when its first iterations give no ratio."""
-        return 1.0
+        """The weight an 'auto' weight takes when its first iterations give no ratio: the default weight when
+        that is a number (a method whose default is AUTO names its own)."""
+        w = cls.default_weight(params)
+        return 1.0 if w == AUTO else float(w)
 
     def __init__(self, settings, student_ch, teacher_ch):
         super().__init__()

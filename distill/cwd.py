@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from distill.adapters import ADAPTER_HELP, ADAPTERS, build_adapters
 from distill.base import DistillMethod, option
-from distill.kernels import STD_NORM_HELP, STD_NORMS, channel_kl, standardize_channels
+from distill.kernels import STD_NORM_HELP, STD_NORMS, channel_kl, check_std_norm, standardize_channels
 
 # The default weight per norm. Standardised maps make every channel's softmax sharper than YOLOv5's SiLU
 # outputs do: at weight 1 the first imitating epoch's term is ~18x the detection loss on the standard recipe
-# (benchmarks/README.md); 0.15 starts it near 3x, where FGFI's default term starts and pays.
+# (benchmarks/results/standard_recipe_std_weight_probe.md); 0.15 starts it near 3x, where FGFI's default
+# term starts and pays.
 WEIGHTS = {"std": 0.15, "none": 1.0}
 
 
@@ -29,9 +30,7 @@ class CWDParams:
             raise ValueError(f"--cwd-tau must be > 0, got {self.tau}")
         if self.adapter not in ADAPTERS[:2]:
             raise ValueError(f"cwd: bad adapter '{self.adapter}'")
-        if self.norm not in STD_NORMS:
-            raise ValueError(f"--distill-method cwd: --distill-norm must be one of {', '.join(STD_NORMS)}, "
-                             f"got '{self.norm}'")
+        check_std_norm("cwd", self.norm)
 
 
 class CWD(DistillMethod):
@@ -42,10 +41,6 @@ class CWD(DistillMethod):
 
     @classmethod
     def default_weight(cls, params):
-        return WEIGHTS[params.norm]
-
-    @classmethod
-    def fallback_weight(cls, params):
         return WEIGHTS[params.norm]
 
     def __init__(self, settings, student_ch, teacher_ch, anchor_t=None, teacher=None):

@@ -9,6 +9,13 @@ STD_NORM_HELP = ("cwd, mgd: std (default): student and teacher maps standardised
                  "the cells first; none: the maps as they are")
 
 
+def check_std_norm(method, norm):
+    """Refuse a --distill-norm value that a whole-map method (cwd, mgd) does not take."""
+    if norm not in STD_NORMS:
+        raise ValueError(f"--distill-method {method}: --distill-norm must be one of {', '.join(STD_NORMS)}, "
+                         f"got '{norm}'")
+
+
 def channel_kl(s, t, tau=1.0):
     """tau^2 * sum_{n, c} KL(softmax(t[n, c] / tau) || softmax(s[n, c] / tau)) / (C * N), each channel's softmax
     over the cells of its image, for s and t [N, C, H, W] of equal shape (CWD's loss of one level)."""

@@ -38,10 +38,6 @@ class SL2(DistillMethod):
     def default_weight(cls, params):
         return WEIGHT
 
-    @classmethod
-    def fallback_weight(cls, params):
-        return WEIGHT
-
     def __init__(self, settings, student_ch, teacher_ch, anchor_t=None, teacher=None):
         super().__init__(settings, student_ch, teacher_ch)
         if teacher is None:
