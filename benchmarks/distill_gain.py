@@ -61,6 +61,7 @@ ABLATIONS = {
     "cwd-norm=none": ["--distill-method", "cwd", "--distill-norm", "none"],  # raw maps, weight 1
     "mgd-weight=1": ["--distill-method", "mgd", "--distill-weight", "1"],  # ~17x at the start
     "mgd-norm=none": ["--distill-method", "mgd", "--distill-norm", "none"],  # the paper's sum, alpha 2e-5
+    "sl2-weight=6": ["--distill-method", "sl2", "--distill-weight", "6"],  # the reference's weight: ~78x here
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x3": None,
     "lambda=x10": None,
