@@ -56,11 +56,15 @@ ABLATIONS = {
     "cwd-weight=3": ["--distill-method", "cwd", "--distill-weight", "3"],
     "cwd-tau=4": ["--distill-method", "cwd", "--cwd-tau", "4"],
     "mgd-alpha=auto": ["--distill-method", "mgd", "--distill-weight", "auto"],
-    # around the standardised defaults of cwd and mgd (--distill-norm std, weight 0.15)
-    "cwd-weight=1": ["--distill-method", "cwd", "--distill-weight", "1"],  # mmyolo's weight: ~18x at the start
-    "cwd-norm=none": ["--distill-method", "cwd", "--distill-norm", "none"],  # raw maps, weight 1
+    # cwd on standardised maps (mmyolo's and DAMO-YOLO's form) and DAMO-YOLO's decaying weight
+    "cwd-norm=std": ["--distill-method", "cwd", "--distill-norm", "std"],  # its weight 0.15: ~3x at the start
+    "cwd-std-weight=1": ["--distill-method", "cwd", "--distill-norm", "std", "--distill-weight", "1"],  # ~18x
+    "cwd-schedule=cosine": ["--distill-method", "cwd", "--distill-schedule", "cosine"],  # weight 1 -> 0.1
+    # around mgd's standardised default (weight 0.15)
     "mgd-weight=1": ["--distill-method", "mgd", "--distill-weight", "1"],  # ~17x at the start
+    "mgd-weight=0.05": ["--distill-method", "mgd", "--distill-weight", "0.05"],  # ~0.9x at the start
     "mgd-norm=none": ["--distill-method", "mgd", "--distill-norm", "none"],  # the paper's sum, alpha 2e-5
+    "schedule=cosine": ["--distill-schedule", "cosine"],  # the default fgfi term, its weight 1 -> 0.1
     "sl2-weight=6": ["--distill-method", "sl2", "--distill-weight", "6"],  # the reference's weight: ~78x here
     "lambda=x0.1": None,  # filled from --weight below
     "lambda=x3": None,

@@ -165,14 +165,14 @@ def test_cwd_value_by_hand():
 
 
 def test_cwd_std_standardises_both_maps_per_channel_over_the_batch_before_the_softmax():
-    """norm std (the default): the numpy formula on both maps standardised per channel over images and cells
+    """norm std: the numpy formula on both maps standardised per channel over images and cells
     (not per image, and not the raw maps); so the term ignores a per-channel scale of the teacher's features,
     which the raw softmax does not."""
     g = torch.Generator().manual_seed(1)
     s = [torch.randn(3, 2, 2, 3, generator=g) * 3 + 1]
     t = [torch.randn(3, 2, 2, 3, generator=g) * torch.tensor([0.2, 5.0]).view(1, 2, 1, 1)]
-    assert CWDParams().norm == "std"
-    cwd = CWD(distill_settings("cwd", weight=1.0, target="head"), [2], [2])
+    assert CWDParams().norm == "none"  # the raw maps pay more on the standard recipe
+    cwd = CWD(distill_settings("cwd", weight=1.0, target="head", norm="std"), [2], [2])
     got = cwd(s, t, iteration=0).raw.item()
     sd, td = s[0].double().numpy(), t[0].double().numpy()
     assert got == pytest.approx(np_cwd(np_standardize(sd), np_standardize(td), 1.0), rel=1e-5)
@@ -306,8 +306,8 @@ def test_fgfi_weight_default_follows_the_norm_with_a_numeric_fallback_for_every_
     opt = parse_opt(True, [])
     assert opt.distill_norm is None and opt.distill_weight is None  # not given: the method's defaults apply
     assert FGFIParams().norm == "kl"
-    assert CWDParams().norm == MGDParams().norm == "std"
-    assert CWD.default_weight(CWDParams()) == 0.15 and CWD.default_weight(CWDParams(norm="none")) == 1.0
+    assert CWDParams().norm == "none" and MGDParams().norm == "std"
+    assert CWD.default_weight(CWDParams()) == 1.0 and CWD.default_weight(CWDParams(norm="std")) == 0.15
     assert MGD.default_weight(MGDParams()) == STD_WEIGHT and MGD.default_weight(MGDParams(norm="none")) == 2e-5
     # FGFI's lambda: 1.0 for the scale-free kl term, auto for the squared error, as given otherwise
     assert FGFI.default_weight(FGFIParams()) == 1.0
@@ -414,8 +414,9 @@ def test_method_flags_reach_the_terms(tmp_path):
              lambda m: all(isinstance(a, nn.Identity) for a in m.align) and m.weight == STD_WEIGHT),
             (["--distill-method", "mgd", "--distill-norm", "none"],
              lambda m: (m.params.norm, m.weight) == ("none", 2e-5)),
-            (["--distill-method", "cwd", "--distill-norm", "none"],
-             lambda m: (m.params.norm, m.weight) == ("none", 1.0))):
+            (["--distill-method", "cwd"], lambda m: (m.params.norm, m.weight) == ("none", 1.0)),
+            (["--distill-method", "cwd", "--distill-norm", "std"],
+             lambda m: (m.params.norm, m.weight) == ("std", 0.15))):
         assert check(method(argv)), argv
     with pytest.raises(ValueError, match="--cwd-tau"):
         method(["--cwd-tau", "2"])  # fgfi (the default method) has no temperature
@@ -426,7 +427,7 @@ def test_method_flags_reach_the_terms(tmp_path):
         method(["--distill-norm", "std"])
     from distill.settings import add_args
     usage = " ".join(add_args(argparse.ArgumentParser()).format_help().split())
-    assert "(used by fgfi, cwd, mgd; default fgfi kl, cwd std, mgd std)" in usage
+    assert "(used by fgfi, cwd, mgd; default fgfi kl, cwd none, mgd std)" in usage
     with pytest.raises(SystemExit):
         train_distill.parse_opt(argv=["--distill-method", "kd"])
 

@@ -115,11 +115,12 @@ def test_upgrade_of_the_earlier_arguments():
 
 def test_resume_keeps_the_raw_maps_of_a_cwd_or_mgd_run_written_before_they_had_a_norm(tmp_path):
     """Arguments written before cwd and mgd read --distill-norm hold None there; the resumed run compares the
-    raw maps as it did (norm none, its weight), not the standardised ones of today's default."""
+    raw maps as it did (norm none, its weight), not the standardised ones (mgd's default, cwd's default when
+    those runs were written); a run that recorded std (cwd's default for a while) resumes on std."""
     student = DetectionModel(tiny_cfg_dict())
     teacher = load_teacher(make_teacher(tmp_path / "t.pt"), student, torch.device("cpu"), 64)
-    for method, weight in (("cwd", 1.0), ("mgd", 2e-5)):
-        new = resolve(opt_of("--teacher", "t.pt", "--distill-method", method), teacher, 10, 2)
+    for method, weight, argv in (("cwd", 1.0, ["--distill-norm", "std"]), ("mgd", 2e-5, [])):
+        new = resolve(opt_of("--teacher", "t.pt", "--distill-method", method, *argv), teacher, 10, 2)
         assert new.params.norm == "std" and new.args()["distill_norm"] == "std"  # written out, kept on resume
         written = {**new.args(), "teacher": "t.pt", "distill_norm": None, "distill_weight": weight}
         args = upgrade_args(written)
