@@ -13,7 +13,8 @@ Ablations (--ablations) vary one distillation setting at a time around the defau
     python -m benchmarks.distill_gain --recipe standard --methods fgfi,cwd,mgd --jobs 2   # SGD, 40-epoch students
     python -m benchmarks.distill_gain --recipe standard --teacher-weights benchmarks/weights/standard_teacher.pt  # its committed teacher
 Results: runs/benchmarks/distill_gain/{results.csv,summary.md} (standard recipe: runs/benchmarks/standard/).
-Runs already finished are reused, so a long matrix can be run in parts (stop it, start it again later).
+Runs already finished are reused, so a long matrix can be run in parts (stop it, start it again later); a finished
+run whose seed, epochs or distillation settings differ from what its configuration resolves to today is refused.
 """
 import argparse
 import csv
@@ -27,9 +28,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
+import train_distill
 import val as validate
 from benchmarks.common import command, commit, machine
 from distill import METHODS
+from distill.settings import option_dests, resolve, upgrade_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,16 +85,57 @@ RECIPES = {
 }
 
 
+def finished(out, name, epochs):
+    """Whether the run folder holds a finished run: best.pt and a header plus one row per epoch in results.csv."""
+    csv_file = out / name / "results.csv"
+    return (out / name / "weights" / "best.pt").is_file() and csv_file.is_file() and \
+        len(csv_file.read_text().splitlines()) > epochs
+
+
+class _AnyTarget:
+    """Stands in for the teacher when resolving settings: the target is compared only where it was given."""
+    resolve_target = staticmethod(lambda target: target)
+
+
+def changed_settings(run_dir, argv):
+    """{setting: (as the finished run trained, as these train_distill.py flags resolve today)} for the settings
+    that differ: the run's seed and epochs, and its distillation settings (a method's default that changed since
+    the run was trained shows here even though the flags are the same). The warm-up depends on the batches per
+    epoch and an 'auto' target on the teacher, so those two are compared only where the flags give them."""
+    saved = upgrade_args(yaml.safe_load((run_dir / "opt.yaml").read_text()))
+    opt = train_distill.parse_opt(True, argv)
+    want = {"seed": opt.seed, "epochs": opt.epochs}
+    if opt.teacher:
+        want.update(resolve(opt, _AnyTarget(), nb=10 ** 6, epochs=opt.epochs).args())
+        want = {k: v for k, v in want.items() if k not in ("distill_warmup", "distill_target")
+                or getattr(opt, k) is not None}
+    else:
+        want.update(dict.fromkeys(option_dests()))
+    return {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+
+
+def check_reuse(runs, common, out):
+    """Refuse to reuse a finished run whose settings differ from what its configuration resolves to now, before
+    any training starts: reusing it would put an old run under a configuration's name."""
+    stale = []
+    for _, _, name, args in runs:
+        if finished(out, name, int(args[args.index("--epochs") + 1])):
+            diff = changed_settings(out / name, [*common, *args])
+            if diff:
+                stale.append(f"  {out / name}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+    if stale:
+        raise SystemExit("finished runs trained with other settings than their configuration's today (as "
+                         "trained -> now); delete or rename them to train them again:\n" + "\n".join(stale))
+
+
 def train(name, args, common, out, threads=None):
     """Train one configuration unless it already finished (all its epochs in results.csv); return (best.pt, seconds).
 
     threads: torch/OpenMP threads of the child (for runs side by side); None keeps the environment's.
     """
     best = out / name / "weights" / "best.pt"
-    epochs = int(args[args.index("--epochs") + 1])
-    csv_file = out / name / "results.csv"
-    if best.is_file() and csv_file.is_file() and len(csv_file.read_text().splitlines()) > epochs:
-        return best, 0.0  # finished: a header and one row per epoch
+    if finished(out, name, int(args[args.index("--epochs") + 1])):
+        return best, 0.0
     if (out / name).exists():  # an interrupted run: start it again from scratch
         print(f"{name}: unfinished run found, training it again", flush=True)
         shutil.rmtree(out / name)
@@ -194,6 +240,7 @@ def main():
         for seed in opt.seeds if cfg_name in main_configs else abl_seeds:
             runs.append((cfg_name, seed, f"{cfg_name.replace(' ', '_').replace('=', '-')}_s{seed}",
                          ["--cfg", opt.student_cfg, "--epochs", str(opt.epochs), "--seed", str(seed), *args]))
+    check_reuse(runs, common, out)
     threads = max(1, (os.cpu_count() or 1) // opt.jobs) if opt.jobs > 1 else None
     with ThreadPoolExecutor(opt.jobs) as pool:  # threads only wait on child processes
         trained = list(pool.map(lambda r: train(r[2], r[3], common, out, threads), runs))
