@@ -59,6 +59,7 @@ ABLATIONS = {
     "mse-auto-ratio=10": ["--distill-norm", "none", "--distill-auto-ratio", "10"],
     "mse-mask=full": ["--distill-norm", "none", "--distill-mask", "full"],
     "cwd-weight=3": ["--distill-method", "cwd", "--distill-weight", "3"],
+    "cwd-weight=0.5": ["--distill-method", "cwd", "--distill-weight", "0.5"],
     "cwd-tau=4": ["--distill-method", "cwd", "--cwd-tau", "4"],
     "mgd-alpha=auto": ["--distill-method", "mgd", "--distill-weight", "auto"],
     # cwd on standardised maps (mmyolo's and DAMO-YOLO's form) and DAMO-YOLO's decaying weight
