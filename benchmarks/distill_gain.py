@@ -66,9 +66,9 @@ ABLATIONS = {
     "cwd-norm=std": ["--distill-method", "cwd", "--distill-norm", "std"],  # its weight 0.15: ~3x at the start
     "cwd-std-weight=1": ["--distill-method", "cwd", "--distill-norm", "std", "--distill-weight", "1"],  # ~18x
     "cwd-schedule=cosine": ["--distill-method", "cwd", "--distill-schedule", "cosine"],  # weight 1 -> 0.1
-    # around mgd's standardised default (weight 0.15)
+    # around mgd's standardised default (weight 0.05)
     "mgd-weight=1": ["--distill-method", "mgd", "--distill-weight", "1"],  # ~17x at the start
-    "mgd-weight=0.05": ["--distill-method", "mgd", "--distill-weight", "0.05"],  # ~0.9x at the start
+    "mgd-weight=0.15": ["--distill-method", "mgd", "--distill-weight", "0.15"],  # ~2.5x at the start
     "mgd-norm=none": ["--distill-method", "mgd", "--distill-norm", "none"],  # the paper's sum, alpha 2e-5
     "schedule=cosine": ["--distill-schedule", "cosine"],  # the default fgfi term, its weight 1 -> 0.1
     "sl2-weight=6": ["--distill-method", "sl2", "--distill-weight", "6"],  # the reference's weight: ~78x here

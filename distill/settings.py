@@ -107,8 +107,8 @@ def add_args(parser):
     kd.add_argument("--distill-weight", type=weight_arg, default=None,
                     help="weight of the imitation term, or 'auto': set once so the weighted term starts at "
                          "--distill-auto-ratio x the detection loss (default: the method's; fgfi: 1.0 with "
-                         "--distill-norm kl, auto with the other norms; cwd and mgd: 0.15 with --distill-norm std, "
-                         "1.0 (cwd) and 2e-5 (mgd) with none; sl2 0.25)")
+                         "--distill-norm kl, auto with the other norms; cwd: 1.0 with --distill-norm none, 0.15 "
+                         "with std; mgd: 0.05 with std, 2e-5 with none; sl2 0.25)")
     kd.add_argument("--distill-warmup", type=int, default=None,
                     help=f"iterations without imitation at the start (default: {DISTILL_WARMUP}, the trainer's "
                          f"minimum LR warm-up, or half the run's iterations when it is shorter than "

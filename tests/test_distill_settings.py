@@ -49,7 +49,7 @@ def test_old_spellings_and_method_aliases(tmp_path):
                 teacher, nb=10, epochs=1)
     assert (s.method, s.weight, s.params.tau) == ("cwd", 3.0, 2.0)
     assert resolve(opt_of("--teacher", "t.pt", "--distill-norm", "none"), teacher, 10, 1).weight == AUTO
-    assert resolve(opt_of("--teacher", "t.pt", "--distill-method", "mgd"), teacher, 10, 1).weight == 0.15
+    assert resolve(opt_of("--teacher", "t.pt", "--distill-method", "mgd"), teacher, 10, 1).weight == 0.05
     assert resolve(opt_of("--teacher", "t.pt", "--distill-method", "mgd", "--distill-norm", "none"),
                    teacher, 10, 1).weight == 2e-5  # the paper's alpha for the paper's sum of squared errors
     with pytest.raises(TypeError, match="unknown arguments"):
