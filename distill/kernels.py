@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 # The --distill-norm values of the methods that compare whole maps (cwd, mgd)
 STD_NORMS = ("std", "none")
-STD_NORM_HELP = ("cwd, mgd: std (default): student and teacher maps standardised per channel over the batch and "
+STD_NORM_HELP = ("cwd, mgd: std: student and teacher maps standardised per channel over the batch and "
                  "the cells first; none: the maps as they are")
 
 
